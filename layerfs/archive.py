@@ -1,0 +1,595 @@
+"""Layer tar streams: sniff and decompress, apply into a directory, export a tree.
+
+A layer is an uncompressed tar (possibly gzip or zstd compressed in transit)
+whose sha256 is its diff id.  Applying streams it: nothing is held in memory
+but one chunk, and the digest is computed while the bytes go by.
+
+Hostile input must not escape the directory it is applied into: names are
+cleaned (no absolute paths, no ``..``), no entry is written through a symlink
+the same tar created, and hardlinks must point at an earlier entry of the same
+tar.  Any violation raises :class:`~layerfs.errors.InvalidLayer` naming the
+entry; the caller removes what was applied so far.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import zstandard
+
+from . import whiteout
+from .errors import InvalidLayer
+
+CHUNK = 1 << 20
+_HOLE_GRAIN = 64 << 10
+_ZEROS = bytes(_HOLE_GRAIN)
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OTHER_MAGIC = {b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+
+
+class WhiteoutFormat(enum.Enum):
+    """How an applied layer keeps OCI whiteouts."""
+
+    OVERLAY = "overlay"  # char 0:0 devices and trusted.overlay.opaque (overlay2)
+    AUFS = "aufs"  # .wh.<name> files kept as they are (aufs)
+    DELETE = "delete"  # applied onto a copy of the parent: delete what they name (snapshot drivers)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int  # bytes of regular-file content
+    compression: str  # "none", "gzip" or "zstd"
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes reads through while hashing them."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if data:
+            self.sha.update(data)
+            self.count += len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, inner: BinaryIO):
+        self._inner = inner
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self._inner.write(data)
+        self.count += len(data)
+        return len(data)
+
+
+class _PrefixedReader(io.RawIOBase):
+    """Gives back bytes already read for sniffing, then the rest of the stream."""
+
+    def __init__(self, prefix: bytes, inner):
+        self._prefix = prefix
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._prefix:
+            if size is None or size < 0:
+                data, self._prefix = self._prefix + self._inner.read(), b""
+                return data
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return self._inner.read(size)
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def sniff_compression(head: bytes) -> str:
+    """Name the compression of a stream from its first bytes (pure)."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    for magic, name in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "none"
+
+
+def _read_exactly(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        data = f.read(n - len(out))
+        if not data:
+            break
+        out += data
+    return out
+
+
+def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
+    """Wrap a raw layer stream so that reads give the uncompressed tar."""
+    head = _read_exactly(raw, 6)
+    kind = sniff_compression(head)
+    stream = _PrefixedReader(head, raw)
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=stream, mode="rb"), kind
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(stream, read_size=CHUNK, read_across_frames=True), kind
+    if kind != "none":
+        raise InvalidLayer(f"layer is compressed with {kind}; layerfs accepts uncompressed, gzip or zstd tars")
+    return stream, kind
+
+
+# -- names -----------------------------------------------------------------
+
+
+class UnsafePath(ValueError):
+    pass
+
+
+def clean_member_name(name: str) -> str:
+    """Normalise a tar member name to a relative path ("" is the root).
+
+    Raises UnsafePath for absolute names and ``..`` components (pure).
+    """
+    if name.startswith("/"):
+        raise UnsafePath("absolute path")
+    if "\0" in name:
+        raise UnsafePath("NUL byte in name")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath("'..' component")
+    return "/".join(parts)
+
+
+def _split(rel: str) -> tuple[str, str]:
+    parent, _, base = rel.rpartition("/")
+    return parent, base
+
+
+# -- apply -------------------------------------------------------------------
+
+
+class _Applier:
+    def __init__(self, dest: str, fmt: WhiteoutFormat):
+        self.dest = dest.rstrip("/")
+        self.fmt = fmt
+        self.safe_dirs: set[str] = {""}  # relpaths verified to be real directories
+        self.created: set[str] = set()  # relpaths this tar created
+        self.overlay_whiteouts: set[str] = set()
+        self.dir_times: list[tuple[str, int, int]] = []
+        self.size = 0
+        self.chown = os.geteuid() == 0
+
+    def path(self, rel: str) -> str:
+        return self.dest + "/" + rel if rel else self.dest
+
+    # Why: a tar can create "a -> /etc" and then "a/passwd"; every parent of
+    # an entry must be a real directory of this layer, never a symlink.
+    def ensure_dir(self, rel: str, entry: str) -> None:
+        if rel in self.safe_dirs:
+            return
+        parent, _ = _split(rel)
+        self.ensure_dir(parent, entry)
+        path = self.path(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            self.created.add(rel)
+            self.safe_dirs.add(rel)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.safe_dirs.add(rel)
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise InvalidLayer(f"layer entry {entry!r} goes through the symlink {rel!r}; refusing to write outside the layer")
+        if rel in self.overlay_whiteouts:
+            # The layer deleted a lower entry and now puts a directory there.
+            os.unlink(path)
+            self.overlay_whiteouts.discard(rel)
+            os.mkdir(path, 0o755)
+            os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
+            self.created.add(rel)
+            self.safe_dirs.add(rel)
+            return
+        raise InvalidLayer(f"layer entry {entry!r}: {rel!r} is not a directory")
+
+    def forget_dirs_under(self, rel: str) -> None:
+        prefix = rel + "/"
+        self.safe_dirs = {d for d in self.safe_dirs if d != rel and not d.startswith(prefix)}
+
+    def clear(self, rel: str, keep_dir: bool) -> bool:
+        """Make room for a new entry at rel; True when an existing directory is kept."""
+        path = self.path(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            shutil.rmtree(path)
+            self.forget_dirs_under(rel)
+        else:
+            os.unlink(path)
+        self.safe_dirs.discard(rel)
+        return False
+
+    def apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        try:
+            rel = clean_member_name(m.name)
+        except UnsafePath as exc:
+            raise InvalidLayer(f"layer entry {m.name!r} is unsafe ({exc}); refusing the layer") from None
+        if rel == "":
+            return  # the layer root keeps the driver's own owner and mode
+        parent, base = _split(rel)
+        try:
+            kind, target = whiteout.classify_name(base)
+        except whiteout.BadWhiteout:
+            raise InvalidLayer(f"layer entry {m.name!r} is a whiteout that names no valid file") from None
+        self.ensure_dir(parent, m.name)
+        if kind is whiteout.Kind.AUFS_META:
+            return
+        if self.fmt is not WhiteoutFormat.AUFS:
+            if kind is whiteout.Kind.WHITEOUT:
+                self.apply_whiteout(parent + "/" + target if parent else target)
+                return
+            if kind is whiteout.Kind.OPAQUE:
+                self.apply_opaque(parent)
+                return
+        self.apply_entry(tf, m, rel)
+
+    def apply_whiteout(self, rel: str) -> None:
+        path = self.path(rel)
+        if rel in self.created:
+            # The same tar also adds this name: its own entry wins, but must
+            # still hide what lower layers have under a directory.
+            if self.fmt is WhiteoutFormat.OVERLAY and os.path.isdir(path) and not os.path.islink(path):
+                os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
+            return
+        self.clear(rel, keep_dir=False)
+        if self.fmt is WhiteoutFormat.OVERLAY:
+            os.mknod(path, stat.S_IFCHR | 0o000, 0)
+            self.overlay_whiteouts.add(rel)
+
+    def apply_opaque(self, rel: str) -> None:
+        self.ensure_dir(rel, rel + "/" + whiteout.OPAQUE_MARKER)
+        path = self.path(rel)
+        if self.fmt is WhiteoutFormat.OVERLAY:
+            os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
+            return
+        prefix = rel + "/" if rel else ""
+        for name in os.listdir(path):
+            if prefix + name not in self.created:
+                self.clear(prefix + name, keep_dir=False)
+
+    def apply_entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str) -> None:
+        path = self.path(rel)
+        replaced_whiteout = rel in self.overlay_whiteouts
+        if m.isdir():
+            kept = self.clear(rel, keep_dir=True)
+            if not kept:
+                os.mkdir(path, 0o700)
+                if replaced_whiteout:
+                    os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
+            self.safe_dirs.add(rel)
+            self.created.add(rel)
+            self._set_owner_mode(path, m, symlink=False)
+            self._set_xattrs(path, m)
+            mtime = _ns(m.mtime)
+            self.dir_times.append((path, _ns(_pax_time(m, "atime", m.mtime)), mtime))
+            self.overlay_whiteouts.discard(rel)
+            return
+        if m.islnk():
+            self.apply_hardlink(m, rel)
+            return
+        self.clear(rel, keep_dir=False)
+        self.overlay_whiteouts.discard(rel)
+        if m.isreg():
+            self._write_file(tf, m, path)
+        elif m.issym():
+            os.symlink(m.linkname, path)
+            self._set_owner_mode(path, m, symlink=True)
+            self._set_xattrs(path, m)
+            self._set_times(path, m, symlink=True)
+        elif m.ischr() or m.isblk():
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+            self._finish_special(path, m)
+        elif m.isfifo():
+            os.mkfifo(path, 0o600)
+            self._finish_special(path, m)
+        else:
+            raise InvalidLayer(f"layer entry {m.name!r} has unsupported tar type {m.type!r}")
+        self.created.add(rel)
+
+    def apply_hardlink(self, m: tarfile.TarInfo, rel: str) -> None:
+        try:
+            target = clean_member_name(m.linkname)
+        except UnsafePath as exc:
+            raise InvalidLayer(f"layer entry {m.name!r} is a hardlink to an unsafe target ({exc})") from None
+        if target == rel:
+            return
+        tparent, _ = _split(target)
+        if target not in self.created or tparent not in self.safe_dirs:
+            self.ensure_dir(tparent, m.name)
+            raise InvalidLayer(
+                f"layer entry {m.name!r} is a hardlink to {m.linkname!r}, which is not an earlier file of this layer"
+            )
+        tpath = self.path(target)
+        if stat.S_ISDIR(os.lstat(tpath).st_mode):
+            raise InvalidLayer(f"layer entry {m.name!r} is a hardlink to the directory {m.linkname!r}")
+        self.clear(rel, keep_dir=False)
+        self.overlay_whiteouts.discard(rel)
+        os.link(tpath, self.path(rel), follow_symlinks=False)
+        self.created.add(rel)
+
+    def _write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if m.size:
+                src = tf.extractfile(m)
+                holes = False
+                while True:
+                    chunk = src.read(CHUNK)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    for off in range(0, len(view), _HOLE_GRAIN):
+                        piece = view[off : off + _HOLE_GRAIN]
+                        # Why: all-zero blocks become holes so sparse images stay sparse.
+                        if len(piece) == _HOLE_GRAIN and piece == _ZEROS:
+                            os.lseek(fd, _HOLE_GRAIN, os.SEEK_CUR)
+                            holes = True
+                            continue
+                        while piece:
+                            written = os.write(fd, piece)
+                            piece = piece[written:]
+                if holes:
+                    os.ftruncate(fd, m.size)
+                self.size += m.size
+            if self.chown and (m.uid or m.gid):
+                os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)
+            self._set_xattrs(path, m)
+            mtime = _ns(m.mtime)
+            os.utime(fd, ns=(_ns(_pax_time(m, "atime", m.mtime)), mtime))
+        finally:
+            os.close(fd)
+
+    def _finish_special(self, path: str, m: tarfile.TarInfo) -> None:
+        self._set_owner_mode(path, m, symlink=False)
+        self._set_xattrs(path, m)
+        self._set_times(path, m, symlink=False)
+
+    def _set_owner_mode(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
+        if self.chown and (m.uid or m.gid):
+            os.lchown(path, m.uid, m.gid)
+        if not symlink:
+            # After chown: chown clears setuid/setgid bits.
+            os.chmod(path, m.mode & 0o7777)
+
+    def _set_times(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
+        os.utime(path, ns=(_ns(_pax_time(m, "atime", m.mtime)), _ns(m.mtime)), follow_symlinks=not symlink)
+
+    def _set_xattrs(self, path: str, m: tarfile.TarInfo) -> None:
+        if not m.pax_headers:
+            return
+        for key, value in m.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            name = key[len("SCHILY.xattr.") :]
+            if whiteout.is_private_xattr(name):
+                continue  # a layer may not forge the storage format's own markers
+            try:
+                os.setxattr(path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+            except OSError as exc:
+                # user.* xattrs cannot be set on symlinks and special files; a
+                # filesystem without xattrs drops them (as Docker does).
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                    raise InvalidLayer(f"layer entry {m.name!r}: cannot set xattr {name!r}: {exc.strerror}") from None
+
+    def finish(self) -> None:
+        for path, atime, mtime in reversed(self.dir_times):
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1_000_000_000))
+
+
+def _pax_time(m: tarfile.TarInfo, key: str, default: float) -> float:
+    value = m.pax_headers.get(key) if m.pax_headers else None
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return default
+
+
+_STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
+
+
+def apply_tar(src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat) -> ApplyResult:
+    """Apply a (possibly compressed) layer tar read from *src* into *dest*.
+
+    *dest* must exist.  On error the directory is left partly written; the
+    caller owns it and removes it.
+    """
+    stream, compression = decompressed(src)
+    reader = _HashingReader(stream)
+    applier = _Applier(os.fspath(dest), fmt)
+    try:
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK)
+        except tarfile.ReadError as exc:
+            if reader.count == 0:
+                tf = None  # an empty stream is an empty layer
+            else:
+                raise InvalidLayer(f"layer is not a tar archive ({exc})") from None
+        if tf is not None:
+            for member in tf:
+                applier.apply_member(tf, member)
+        reader.drain()
+    except _STREAM_ERRORS as exc:
+        raise InvalidLayer(f"layer tar is truncated or malformed ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise InvalidLayer(f"layer cannot be applied: {exc}") from None
+    applier.finish()
+    return ApplyResult("sha256:" + reader.sha.hexdigest(), applier.size, compression)
+
+
+# -- export ------------------------------------------------------------------
+
+
+class TarExporter:
+    """Writes a deterministic PAX layer tar while hashing it.
+
+    Times are truncated to whole seconds and user/group names left out (as
+    Docker does) so the same tree always gives the same diff id.
+    """
+
+    def __init__(self, out: BinaryIO):
+        self._writer = _HashingWriter(out)
+        self._tar = tarfile.TarFile(fileobj=self._writer, mode="w", format=tarfile.PAX_FORMAT)
+        self._links: dict[tuple[int, int], str] = {}
+
+    def add(self, rel: str, path: str, st: os.stat_result | None = None) -> None:
+        """Add the file at *path* under the archive name *rel* (no leading slash)."""
+        if st is None:
+            st = os.lstat(path)
+        ti = tarfile.TarInfo(rel)
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.uid, ti.gid = st.st_uid, st.st_gid
+        ti.uname = ti.gname = ""
+        ti.mtime = int(st.st_mtime)
+        mode = st.st_mode
+        data = None
+        if stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._links:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = self._links[key]
+            else:
+                if st.st_nlink > 1:
+                    self._links[key] = rel
+                ti.type = tarfile.REGTYPE
+                ti.size = st.st_size
+                data = True
+        elif stat.S_ISDIR(mode):
+            ti.type = tarfile.DIRTYPE
+        elif stat.S_ISLNK(mode):
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = os.readlink(path)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        elif stat.S_ISFIFO(mode):
+            ti.type = tarfile.FIFOTYPE
+        else:
+            return  # sockets have no tar form; Docker leaves them out too
+        xattrs = read_xattrs(path)
+        if xattrs:
+            ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in xattrs}
+        if data:
+            with open(path, "rb") as f:
+                self._tar.addfile(ti, f)
+        else:
+            self._tar.addfile(ti)
+
+    def whiteout(self, rel: str) -> None:
+        parent, base = _split(rel)
+        name = whiteout.whiteout_name(base)
+        self._marker(parent + "/" + name if parent else name)
+
+    def opaque(self, dir_rel: str) -> None:
+        self._marker(dir_rel + "/" + whiteout.OPAQUE_MARKER if dir_rel else whiteout.OPAQUE_MARKER)
+
+    def _marker(self, name: str) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.REGTYPE
+        ti.mode = 0o600
+        ti.uname = ti.gname = ""
+        self._tar.addfile(ti)
+
+    def close(self) -> str:
+        """Finish the archive and return its diff id."""
+        self._tar.close()
+        return "sha256:" + self._writer.sha.hexdigest()
+
+
+def read_xattrs(path: str) -> list[tuple[str, bytes]]:
+    """Content xattrs of *path* (not following symlinks), sorted, storage markers left out."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    out = []
+    for name in sorted(names):
+        if whiteout.is_private_xattr(name):
+            continue
+        try:
+            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    return out
+
+
+def export_tree_entries(exporter: TarExporter, root: str, rels: Iterable[tuple[str, str]]) -> None:
+    """Export (kind, rel) pairs in order: kind "D" writes a whiteout, else the entry at root/rel."""
+    for kind, rel in rels:
+        if kind == "D":
+            exporter.whiteout(rel)
+        else:
+            exporter.add(rel, root + "/" + rel)
