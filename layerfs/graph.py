@@ -396,6 +396,10 @@ class LayerStore:
             )
         return path
 
+    def mount_path(self, ref: str) -> Path:
+        """Where *ref* is (or would be) mounted."""
+        return self.driver.mount_path(self._resolve(ref)[1])
+
     def unmount(self, ref: str) -> None:
         _, cache_id, _ = self._resolve(ref)
         with self.db.write() as db:

@@ -109,6 +109,10 @@ class Driver(abc.ABC):
     def is_mounted(self, id: str) -> bool: ...
 
     @abc.abstractmethod
+    def mount_path(self, id: str) -> Path:
+        """Where get() mounts *id* (mounted or not)."""
+
+    @abc.abstractmethod
     def exists(self, id: str) -> bool: ...
 
     @abc.abstractmethod

@@ -281,6 +281,9 @@ class Overlay2Driver(Driver):
             return set()
         return {n for n in names if n not in _RESERVED and not n.startswith(".") and (self.home / n).is_dir()}
 
+    def mount_path(self, id: str) -> Path:
+        return self._dir(id) / "merged"
+
     def is_mounted(self, id: str) -> bool:
         return _mountapi.is_mountpoint(str(self._dir(id) / "merged"))
 
