@@ -1,0 +1,65 @@
+"""What a suite gets: where to put things, how big to make them, how to open a store."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import mounts
+
+
+@dataclass
+class RunContext:
+    out_dir: Path                 # results.json / results.md
+    cache_dir: Path               # generated inputs, kept across runs
+    work_dir: Path                # stores and scratch trees of this run, removed at the end
+    quick: bool = False
+    driver: str = "auto"
+    options: dict[str, str] | None = None
+    _counter: Any = field(default_factory=lambda: itertools.count())
+
+    def scratch(self, stem: str) -> Path:
+        """A new, empty directory under the work dir (same filesystem as every store)."""
+        p = self.work_dir / f"{stem}-{next(self._counter)}"
+        p.mkdir(parents=True)
+        return p
+
+    def remove(self, path: Path) -> None:
+        mounts.safe_rmtree(path)
+
+    def layerfs(self):
+        """The layerfs module, or SkipBenchmark when it cannot be imported."""
+        from .runner import SkipBenchmark
+        try:
+            import layerfs
+        except Exception as e:  # noqa: BLE001
+            raise SkipBenchmark(f"layerfs cannot be imported: {type(e).__name__}: {e}") from e
+        if not hasattr(layerfs, "open_store"):
+            raise SkipBenchmark("layerfs.open_store is not there yet (library not landed)")
+        return layerfs
+
+    def open_store(self, root: Path):
+        return self.layerfs().open_store(str(root), driver=self.driver, options=self.options)
+
+    def cli(self) -> list[str]:
+        """Command prefix for the layerfs CLI (console script, else ``python -m layerfs``)."""
+        script = Path(sys.executable).with_name("layerfs")
+        if script.exists() and os.access(script, os.X_OK):
+            base = [str(script)]
+        elif shutil.which("layerfs"):
+            base = [shutil.which("layerfs")]
+        else:
+            base = [sys.executable, "-m", "layerfs"]
+        if self.driver != "auto":
+            base += ["--driver", self.driver]
+        for k, v in (self.options or {}).items():
+            base += ["--storage-opt", f"{k}={v}"]
+        return base
+
+    def pick(self, full, quick):
+        return quick if self.quick else full
