@@ -7,11 +7,12 @@
 #   make bench   setup + python -m benchmarks run
 #   make clean   remove the demo store and build/
 #
-# Extra pytest arguments: make test PYTEST_ARGS='-k overlay -x'
+# Extra arguments: make test PYTEST_ARGS='-k overlay -x'   make bench BENCH_ARGS=--quick
 
 SHELL := /bin/bash
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test bench clean
 
@@ -30,7 +31,7 @@ test: setup
 	exit $$rc
 
 bench: setup
-	$(PYTHON) -m benchmarks run
+	$(PYTHON) -m benchmarks run $(BENCH_ARGS)
 
 clean:
 	@bash scripts/demo.sh --clean
