@@ -323,3 +323,19 @@ def test_exported_diff_applies_deletions_on_another_container(store, base):
         assert not (mp / "etc/hosts").exists()
         assert (mp / "etc/added").read_bytes() == b"x"
         assert (mp / "etc/passwd").exists() and (mp / "var/lib").is_dir()
+
+
+def test_unusual_names_in_changes_and_round_trip(store, base):
+    odd = ["with space", "new\nline", "\u00fcml\u00e4ut-\u65e5\u672c",
+           b"latin1-\xe9".decode("utf-8", "surrogateescape"), ".wh-not-a-whiteout", "x" * 255]
+    ops = [create_dir("/odd")] + [create_file(f"/odd/{n}", n.encode("utf-8", "surrogateescape"))
+                                  for n in odd]
+    ops.append(remove_all("/etc/hosts"))
+    _container(store, "c", base.chain_id, ops)
+    expected = sorted([("/odd", "A")] + [(f"/odd/{n}", "A") for n in odd]
+                      + [("/etc", "C"), ("/etc/hosts", "D")])
+    assert sorted(changes_of(store, "c")) == expected
+    diff_id, data = _export(store, "c")
+    layer = register_bytes(store, data, parent=base.chain_id)
+    with mounted(store, "c") as ctr, mounted(store, layer.chain_id) as view:
+        assert_same_tree(ctr, view, "round trip with unusual names")

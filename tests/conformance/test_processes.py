@@ -104,6 +104,44 @@ def test_mount_refcount_survives_process_exit(store, store_root, driver_name):
     assert mounts_under(store_root) == []
 
 
+def test_concurrent_register_of_same_content(store, store_root, driver_name, work_dir):
+    marker = b"concurrent-marker-" + os.urandom(6).hex().encode()
+    tar = work_dir / "same.tar"
+    tar.write_bytes(_big_layer(marker, files=50))
+    procs = [_child(store_root, driver_name, "register", tar) for _ in range(4)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        outs.append(out.decode().split()[1])
+    assert len(set(outs)) == 1
+    (cid,) = set(outs)
+    assert chain_ids_of(store.layers()) == {cid}
+    # one copy on disk, four references
+    assert len(files_containing(store_root, marker)) == 50
+    for _ in range(3):
+        store.release(cid)
+        assert store.layer(cid)
+    store.release(cid)
+    with pytest.raises(errors.NotFound):
+        store.layer(cid)
+
+
+def test_concurrent_create_of_same_name(store, store_root, driver_name):
+    procs = [_child(store_root, driver_name, "create", "contended") for _ in range(4)]
+    results = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        results.append((p.returncode, err.decode()))
+    ok = [r for r in results if r[0] == 0]
+    assert len(ok) == 1, results
+    for rc, err in results:
+        if rc != 0:
+            assert "AlreadyExists" in err, err
+    assert container_names(store) == {"contended"}
+    assert store.check() == []
+
+
 # ---------------------------------------------------------------------------
 # SIGKILL at many points
 

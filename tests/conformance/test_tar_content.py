@@ -246,6 +246,10 @@ def test_root_of_layer_is_0755_when_tar_has_no_root_entry(views):
         assert (st.st_uid, st.st_gid) == (0, 0)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "outside the written contract: Docker's applier applies the metadata of a './' entry "
+    "to the layer root; layerfs deliberately keeps the driver's root owner and mode (and "
+    "neither reports nor exports root changes), so this records the divergence"))
 def test_root_entry_metadata_is_applied(views):
     _, ro, rw = views(LayerTar().dir("./", mode=0o750).file("f", b"").bytes())
     for root in (ro, rw):
@@ -372,3 +376,31 @@ def test_view_of_layer_is_read_only(store):
                 attempt()
             assert ei.value.errno == errno.EROFS
         assert (mp / "a/kept").read_bytes() == b"2"
+
+
+# ---------------------------------------------------------------------------
+# unusual names
+
+ODD_NAMES = [
+    "with space",
+    "tab\tand\nnewline",
+    "unicode-\u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9-\u65e5\u672c",
+    b"latin1-\xe9t\xe9".decode("utf-8", "surrogateescape"),   # not valid UTF-8
+    "back\\slash",
+    "-leading-dash",
+    "trailing-dot.",
+    "...three-dots",
+    "x" * 255,
+]
+
+
+def test_unusual_file_names(views):
+    t = LayerTar().dir("odd")
+    for i, n in enumerate(ODD_NAMES):
+        t.file(f"odd/{n}", f"{i}".encode())
+    _, ro, rw = views(t.bytes())
+    for root in (ro, rw):
+        got = sorted(os.listdir(os.fsencode(root / "odd")))
+        assert got == sorted(os.fsencode(n) for n in ODD_NAMES)
+        for i, n in enumerate(ODD_NAMES):
+            assert (root / "odd" / n).read_bytes() == f"{i}".encode()
