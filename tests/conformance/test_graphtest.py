@@ -271,7 +271,8 @@ def xfs_pquota_dir(tmp_path):
     subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
     r = subprocess.run(["mount", "-o", "loop,pquota", str(img), str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount an xfs loop image: {r.stderr.decode().strip()}")
+        pytest.skip("cannot mount an xfs loop image with pquota (does the kernel have "
+                    f"CONFIG_XFS_QUOTA?): {r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:

@@ -164,3 +164,26 @@ def test_symlink_inside_layer_is_fine_when_not_written_through(store, work_dir):
     layer = register_bytes(store, data)
     assert layer.chain_id in chain_ids_of(store.layers())
     assert listing(_outside(work_dir)) == {"victim"}
+
+
+@pytest.mark.parametrize("xattr,value,path", [
+    ("trusted.overlay.opaque", b"y", "d"),
+    ("trusted.overlay.redirect", b"/etc", "d"),
+    ("trusted.overlay.metacopy", b"", "d"),
+    ("user.overlay.opaque", b"y", "d"),
+], ids=["opaque", "redirect", "metacopy", "user-opaque"])
+def test_overlay_private_xattrs_in_tar_have_no_effect(store, xattr, value, path):
+    """A layer's meaning comes from its OCI entries only: overlayfs' own xattrs in a tar
+    are either refused or have no effect on the mounted view."""
+    base = register_bytes(store, (LayerTar().dir("d").file("d/lower", b"l")
+                                  .dir("etc").file("etc/passwd", b"root").bytes()))
+    data = LayerTar().dir(path, xattrs={xattr: value}).file(f"{path}/new", b"n").bytes()
+    try:
+        layer = register_bytes(store, data, parent=base.chain_id)
+    except errors.InvalidLayer:
+        assert chain_ids_of(store.layers()) == {base.chain_id}
+        return
+    from conformance import mounted
+    with mounted(store, layer.chain_id) as mp:
+        assert sorted(os.listdir(mp / path)) == ["lower", "new"]
+        assert (mp / "d/lower").read_bytes() == b"l"
