@@ -128,6 +128,53 @@ class _PrefixedReader(io.RawIOBase):
         return len(data)
 
 
+class _ZstdReader(io.RawIOBase):
+    """Streaming zstd decompression that notices truncation.
+
+    Why not ZstdDecompressor.stream_reader: it ends quietly on a cut-off
+    frame, and a truncated layer must be refused, not half-applied.
+    """
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._buf = bytearray()
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        chunk = self._raw.read(CHUNK)
+        if not chunk:
+            if not self._obj.eof:
+                raise zstandard.ZstdError("zstd stream is truncated (the last frame never ends)")
+            self._eof = True
+            return
+        while chunk:
+            if self._obj.eof:
+                self._obj = self._dctx.decompressobj()  # the next frame
+            self._buf += self._obj.decompress(chunk)
+            chunk = self._obj.unused_data if self._obj.eof else b""
+
+    def read(self, size: int = -1) -> bytes:
+        while (size is None or size < 0 or len(self._buf) < size) and not self._eof:
+            self._fill()
+        if size is None or size < 0 or size >= len(self._buf):
+            data = bytes(self._buf)
+            self._buf.clear()
+            return data
+        data = bytes(self._buf[:size])
+        del self._buf[:size]
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
 def sniff_compression(head: bytes) -> str:
     """Name the compression of a stream from its first bytes (pure)."""
     if head.startswith(GZIP_MAGIC):
@@ -158,7 +205,7 @@ def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
     if kind == "gzip":
         return gzip.GzipFile(fileobj=stream, mode="rb"), kind
     if kind == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(stream, read_size=CHUNK, read_across_frames=True), kind
+        return _ZstdReader(stream), kind
     if kind != "none":
         raise InvalidLayer(f"layer is compressed with {kind}; layerfs accepts uncompressed, gzip or zstd tars")
     return stream, kind
@@ -453,6 +500,20 @@ def _pax_time(m: tarfile.TarInfo, key: str, default: float) -> float:
         return default
 
 
+class _TarInfo(tarfile.TarInfo):
+    """Records how the archive ended: tarfile quietly stops at a cut-off header."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise  # zero blocks, or the stream ends on a member boundary (Go's archive/tar accepts both)
+        except tarfile.HeaderError as exc:
+            tf.bad_end = f"{type(exc).__name__}: {exc}"
+            raise
+
+
 _STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
 
 
@@ -467,7 +528,7 @@ def apply_tar(src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat) -> ApplyResu
     applier = _Applier(os.fspath(dest), fmt)
     try:
         try:
-            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK)
+            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK, tarinfo=_TarInfo)
         except tarfile.ReadError as exc:
             if reader.count == 0:
                 tf = None  # an empty stream is an empty layer
@@ -476,6 +537,9 @@ def apply_tar(src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat) -> ApplyResu
         if tf is not None:
             for member in tf:
                 applier.apply_member(tf, member)
+            bad_end = getattr(tf, "bad_end", None)
+            if bad_end:
+                raise InvalidLayer(f"layer tar is truncated or malformed after entry {tf.offset} bytes in ({bad_end})")
         reader.drain()
     except _STREAM_ERRORS as exc:
         raise InvalidLayer(f"layer tar is truncated or malformed ({type(exc).__name__}: {exc})") from None

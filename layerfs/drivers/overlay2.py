@@ -104,6 +104,8 @@ class Overlay2Driver(Driver):
         if mode == "new" and not self.features["lowerdir_plus"]:
             raise DriverUnavailable("overlay2.mountapi=new: this kernel has no overlay lowerdir+ (needs Linux >= 6.8)")
         self.use_new_api = self.features["lowerdir_plus"] and mode != "legacy"
+        for fixed in _RESERVED:
+            (self.home / fixed).mkdir(exist_ok=True)
         self.quota = ProjectQuota(self.home)
         self.default_size = None
         if "overlay2.size" in self.opts:
@@ -245,12 +247,10 @@ class Overlay2Driver(Driver):
             chain = [parent] + self._lower_ids(parent)
             (d / "lower").write_text("\n".join(chain) + "\n")
         link = secrets.token_hex(5)
-        (self.home / "l").mkdir(exist_ok=True)
         os.symlink(f"../{id}/diff", self.home / "l" / link)
         (d / "link").write_text(link)
         if size is not None:
             self.quota.set_limit(d / "diff", size)
-        (self.home / "empty").mkdir(exist_ok=True)
 
     def remove(self, id: str) -> None:
         self.put(id)
@@ -261,7 +261,6 @@ class Overlay2Driver(Driver):
         except FileNotFoundError:
             pass
         trash = self.home / "trash"
-        trash.mkdir(exist_ok=True)
         try:
             # Why: a rename makes the layer vanish at once; a crash during the
             # slow rmtree leaves only trash, which cleanup() finishes.
