@@ -244,17 +244,38 @@ def cmd_check(store, args, out: _Output) -> int:
     return 1 if problems and not args.repair else 0
 
 
+def _global_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    # The same flags are accepted after the command too (`layerfs info --json`);
+    # there they default to SUPPRESS so they only override when given.
+    def default(value):
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument("--root", default=default(None), help=f"store directory (default: $LAYERFS_ROOT or {DEFAULT_ROOT})")
+    parser.add_argument("--driver", default=default("auto"), help="storage driver: auto (default) or overlay2")
+    parser.add_argument(
+        "--storage-opt", action="append", default=default([]), metavar="KEY=VALUE", help="driver option (repeatable)"
+    )
+    parser.add_argument("--json", action="store_true", default=default(False), help="machine-readable output")
+
+
+class _SubParsers(argparse._SubParsersAction):
+    def add_parser(self, name, **kwargs):
+        parser = super().add_parser(name, **kwargs)
+        _global_flags(parser, after_command=True)
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerfs", description="Container image layers and container filesystems.")
-    p.add_argument("--root", default=None, help=f"store directory (default: $LAYERFS_ROOT or {DEFAULT_ROOT})")
-    p.add_argument("--driver", default="auto", help="storage driver: auto (default) or overlay2")
-    p.add_argument("--storage-opt", action="append", default=[], metavar="KEY=VALUE", help="driver option (repeatable)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.register("action", "parsers", _SubParsers)
+    _global_flags(p, after_command=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("info", help="driver, probes and counts").set_defaults(func=cmd_info)
 
-    layer = sub.add_parser("layer", help="image layers").add_subparsers(dest="layer_command", required=True, metavar="ACTION")
+    layer_parser = sub.add_parser("layer", help="image layers")
+    layer_parser.register("action", "parsers", _SubParsers)
+    layer = layer_parser.add_subparsers(dest="layer_command", required=True, metavar="ACTION")
     add = layer.add_parser("add", help="register a layer tar (plain, gzip or zstd; - for stdin)")
     add.add_argument("file")
     add.add_argument("--parent", default=None, help="chain id of the parent layer")
