@@ -19,13 +19,14 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import zstandard
 
@@ -176,7 +177,13 @@ class _ZstdReader(io.RawIOBase):
 
 
 def sniff_compression(head: bytes) -> str:
-    """Name the compression of a stream from its first bytes (pure)."""
+    """Name the compression of a stream from its first bytes (pure).
+
+    A ustar/pax/gnu header (magic at offset 257) wins, so a tar whose first
+    name starts with "BZh" is not taken for bzip2.
+    """
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "none"
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
@@ -199,7 +206,7 @@ def _read_exactly(f, n: int) -> bytes:
 
 def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
     """Wrap a raw layer stream so that reads give the uncompressed tar."""
-    head = _read_exactly(raw, 6)
+    head = _read_exactly(raw, 512)
     kind = sniff_compression(head)
     stream = _PrefixedReader(head, raw)
     if kind == "gzip":
@@ -242,13 +249,14 @@ def _split(rel: str) -> tuple[str, str]:
 
 
 class _Applier:
-    def __init__(self, dest: str, fmt: WhiteoutFormat):
+    def __init__(self, dest: str, fmt: WhiteoutFormat, hides_something: Callable[[str], bool] | None):
         self.dest = dest.rstrip("/")
         self.fmt = fmt
+        self.hides_something = hides_something
         self.safe_dirs: set[str] = {""}  # relpaths verified to be real directories
         self.created: set[str] = set()  # relpaths this tar created
         self.overlay_whiteouts: set[str] = set()
-        self.dir_times: list[tuple[str, int, int]] = []
+        self.dir_times: dict[str, tuple[int, int]] = {}  # rel -> (atime, mtime), set at the end
         self.size = 0
         self.chown = os.geteuid() == 0
 
@@ -289,6 +297,7 @@ class _Applier:
     def forget_dirs_under(self, rel: str) -> None:
         prefix = rel + "/"
         self.safe_dirs = {d for d in self.safe_dirs if d != rel and not d.startswith(prefix)}
+        self.dir_times = {d: t for d, t in self.dir_times.items() if d != rel and not d.startswith(prefix)}
 
     def clear(self, rel: str, keep_dir: bool) -> bool:
         """Make room for a new entry at rel; True when an existing directory is kept."""
@@ -315,6 +324,8 @@ class _Applier:
         if rel == "":
             return  # the layer root keeps the driver's own owner and mode
         parent, base = _split(rel)
+        if any(part.startswith(whiteout.AUFS_META_PREFIX) for part in parent.split("/")):
+            return  # inside aufs bookkeeping (.wh..wh.plnk/...): never content
         try:
             kind, target = whiteout.classify_name(base)
         except whiteout.BadWhiteout:
@@ -336,11 +347,15 @@ class _Applier:
         if rel in self.created:
             # The same tar also adds this name: its own entry wins, but must
             # still hide what lower layers have under a directory.
-            if self.fmt is WhiteoutFormat.OVERLAY and os.path.isdir(path) and not os.path.islink(path):
-                os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
+            if os.path.isdir(path) and not os.path.islink(path):
+                self.apply_opaque(rel)
             return
         self.clear(rel, keep_dir=False)
         if self.fmt is WhiteoutFormat.OVERLAY:
+            # Why skip a whiteout that hides nothing: overlayfs lists it in a
+            # directory no lower layer shares, as a name that cannot be opened.
+            if self.hides_something is not None and not self.hides_something(rel):
+                return
             os.mknod(path, stat.S_IFCHR | 0o000, 0)
             self.overlay_whiteouts.add(rel)
 
@@ -350,10 +365,17 @@ class _Applier:
         if self.fmt is WhiteoutFormat.OVERLAY:
             os.setxattr(path, whiteout.OVERLAY_OPAQUE_XATTR, whiteout.OVERLAY_OPAQUE_VALUE)
             return
+        self._clear_lower(rel)
+
+    def _clear_lower(self, rel: str) -> None:
+        """Delete what lower layers left under rel, keeping what this tar wrote."""
         prefix = rel + "/" if rel else ""
-        for name in os.listdir(path):
-            if prefix + name not in self.created:
-                self.clear(prefix + name, keep_dir=False)
+        for name in os.listdir(self.path(rel)):
+            child = prefix + name
+            if child not in self.created:
+                self.clear(child, keep_dir=False)
+            elif child in self.safe_dirs:
+                self._clear_lower(child)
 
     def apply_entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str) -> None:
         path = self.path(rel)
@@ -368,8 +390,8 @@ class _Applier:
             self.created.add(rel)
             self._set_owner_mode(path, m, symlink=False)
             self._set_xattrs(path, m)
-            mtime = _ns(m.mtime)
-            self.dir_times.append((path, _ns(_pax_time(m, "atime", m.mtime)), mtime))
+            self.dir_times.pop(rel, None)  # a later entry for the same directory wins
+            self.dir_times[rel] = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
             self.overlay_whiteouts.discard(rel)
             return
         if m.islnk():
@@ -440,12 +462,12 @@ class _Applier:
                 if holes:
                     os.ftruncate(fd, m.size)
                 self.size += m.size
-            if self.chown and (m.uid or m.gid):
+            if self.chown:
+                # Always: a new file in a setgid directory inherits its group.
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)
             self._set_xattrs(path, m)
-            mtime = _ns(m.mtime)
-            os.utime(fd, ns=(_ns(_pax_time(m, "atime", m.mtime)), mtime))
+            os.utime(fd, ns=(_time_ns(m, "atime"), _time_ns(m, "mtime")))
         finally:
             os.close(fd)
 
@@ -455,14 +477,14 @@ class _Applier:
         self._set_times(path, m, symlink=False)
 
     def _set_owner_mode(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
-        if self.chown and (m.uid or m.gid):
+        if self.chown:
             os.lchown(path, m.uid, m.gid)
         if not symlink:
             # After chown: chown clears setuid/setgid bits.
             os.chmod(path, m.mode & 0o7777)
 
     def _set_times(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
-        os.utime(path, ns=(_ns(_pax_time(m, "atime", m.mtime)), _ns(m.mtime)), follow_symlinks=not symlink)
+        os.utime(path, ns=(_time_ns(m, "atime"), _time_ns(m, "mtime")), follow_symlinks=not symlink)
 
     def _set_xattrs(self, path: str, m: tarfile.TarInfo) -> None:
         if not m.pax_headers:
@@ -482,22 +504,33 @@ class _Applier:
                     raise InvalidLayer(f"layer entry {m.name!r}: cannot set xattr {name!r}: {exc.strerror}") from None
 
     def finish(self) -> None:
-        for path, atime, mtime in reversed(self.dir_times):
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        for rel, times in self.dir_times.items():
+            os.utime(self.path(rel), ns=times, follow_symlinks=False)
 
 
-def _ns(seconds: float) -> int:
-    return int(round(seconds * 1_000_000_000))
+def parse_pax_time(value: str) -> int | None:
+    """A pax time record ("1700000000.123456789", "-5.5") in exact nanoseconds (pure)."""
+    m = _PAX_TIME_RE.match(value.strip())
+    if m is None:
+        return None
+    sign, whole, frac = m.group(1), int(m.group(2)), (m.group(3) or "")[:9].ljust(9, "0")
+    ns = whole * 1_000_000_000 + int(frac)
+    return -ns if sign == "-" else ns
 
 
-def _pax_time(m: tarfile.TarInfo, key: str, default: float) -> float:
-    value = m.pax_headers.get(key) if m.pax_headers else None
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        return default
+_PAX_TIME_RE = re.compile(r"^([-+]?)(\d+)(?:\.(\d*))?$")
+
+
+def _time_ns(m: tarfile.TarInfo, key: str) -> int:
+    """The entry's mtime/atime in ns; pax records are read exactly (tarfile turns them into floats)."""
+    record = m.pax_headers.get(key) if m.pax_headers else None
+    if record is not None:
+        ns = parse_pax_time(record)
+        if ns is not None:
+            return ns
+    if key == "atime":
+        return _time_ns(m, "mtime")
+    return int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -517,15 +550,19 @@ class _TarInfo(tarfile.TarInfo):
 _STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
 
 
-def apply_tar(src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat) -> ApplyResult:
+def apply_tar(
+    src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat, hides_something: Callable[[str], bool] | None = None
+) -> ApplyResult:
     """Apply a (possibly compressed) layer tar read from *src* into *dest*.
 
-    *dest* must exist.  On error the directory is left partly written; the
-    caller owns it and removes it.
+    *dest* must exist.  *hides_something(rel)* tells whether a lower layer
+    has an entry at rel (overlay format: whiteouts of nothing are left out).
+    On error the directory is left partly written; the caller owns it and
+    removes it.
     """
     stream, compression = decompressed(src)
     reader = _HashingReader(stream)
-    applier = _Applier(os.fspath(dest), fmt)
+    applier = _Applier(os.fspath(dest), fmt, hides_something)
     try:
         try:
             tf = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK, tarinfo=_TarInfo)
@@ -574,7 +611,7 @@ class TarExporter:
         ti.mode = stat.S_IMODE(st.st_mode)
         ti.uid, ti.gid = st.st_uid, st.st_gid
         ti.uname = ti.gname = ""
-        ti.mtime = int(st.st_mtime)
+        ti.mtime = st.st_mtime_ns // 1_000_000_000
         mode = st.st_mode
         data = None
         if stat.S_ISREG(mode):

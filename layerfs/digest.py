@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def is_digest(value: object) -> bool:
-    return isinstance(value, str) and _DIGEST_RE.match(value) is not None
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
 
 
 def sha256_digest(data: bytes) -> str:

@@ -55,7 +55,7 @@ def classify_name(basename: str) -> tuple[Kind, str | None]:
 
 def whiteout_name(name: str) -> str:
     """The OCI name that hides *name*."""
-    if name in ("", ".", "..") or "/" in name:
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
         raise BadWhiteout(name)
     return WHITEOUT_PREFIX + name
 

@@ -263,12 +263,6 @@ def test_aufs_format_keeps_whiteout_files_and_skips_meta(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: entries below an aufs bookkeeping directory (.wh..wh.plnk/<ino>, as old "
-    "aufs-based docker exports contain) are applied: apply_member only skips entries whose "
-    "basename is .wh..wh.*, and ensure_dir creates the .wh..wh.plnk directory as content",
-    strict=True,
-)
 @pytest.mark.parametrize("fmt", [OVERLAY, AUFS, DELETE])
 def test_aufs_meta_directories_are_never_content(dest, fmt):
     data = LayerTar().dir(".wh..wh.plnk", mode=0o700).file(".wh..wh.plnk/1234.5678", b"x").file("a", b"a").bytes()
@@ -325,12 +319,6 @@ def test_delete_format_whiteout_then_new_entry(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: in DELETE format an opaque marker only clears direct children not created by "
-    "the tar; a lower directory the tar re-lists (d/sub/) keeps its lower children (d/sub/f), "
-    "which the OVERLAY format hides (d is opaque)",
-    strict=True,
-)
 def test_delete_format_opaque_hides_lower_grandchildren(dest):
     _prefill(dest)
     apply(LayerTar().dir("d").dir("d/sub").file("d/sub/new", b"n").opaque("d").bytes(), dest, DELETE)
@@ -339,12 +327,6 @@ def test_delete_format_opaque_hides_lower_grandchildren(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: in DELETE format a whiteout of a directory the same tar lists earlier "
-    "(d/ ... .wh.d) is ignored entirely, so the lower children of d stay; in OVERLAY format the "
-    "same tar makes d opaque (apply_whiteout's own comment says lower content must be hidden)",
-    strict=True,
-)
 def test_delete_format_whiteout_after_directory_hides_lower_children(dest):
     _prefill(dest)
     apply(LayerTar().dir("d").file("d/new", b"n").whiteout("d").bytes(), dest, DELETE)
@@ -433,11 +415,6 @@ def test_special_modes_and_owners(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: owners are only set when uid or gid is non-zero; an entry owned 0:0 created "
-    "inside a setgid directory inherits the directory's group (d/f ends up gid 50, not 0)",
-    strict=True,
-)
 def test_root_owned_entries_inside_setgid_directory(dest):
     data = (
         LayerTar()
@@ -454,11 +431,6 @@ def test_root_owned_entries_inside_setgid_directory(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: a directory entry owned 0:0 applied over an existing directory (DELETE format, "
-    "applying onto a copy of the parent) is not chowned: the directory keeps its old owner 1000:1000",
-    strict=True,
-)
 def test_delete_format_directory_chowned_back_to_root(dest):
     os.mkdir(dest / "d")
     os.chown(dest / "d", 1000, 1000)
@@ -509,12 +481,6 @@ def test_mtimes(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: mtimes after 2242-03-16 (>= 8**11 s, written as a pax 'mtime' record) do not "
-    "survive export -> apply -> export: _ns() multiplies a float by 1e9, so 8589934593 s is applied "
-    "as 8589934592999999488 ns and re-exported as 8589934592 (a different diff id)",
-    strict=True,
-)
 def test_pax_mtime_after_2242_round_trips(tmp_path):
     src = tmp_path / "f"
     src.write_bytes(b"")
@@ -534,12 +500,6 @@ def test_pax_mtime_after_2242_round_trips(tmp_path):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG (minor): pax mtimes are converted through binary floats (tarfile's TarInfo.mtime and "
-    "_ns()), so mtime=1234567890.25 in the pax header is applied as ...249999872 ns and "
-    "'1700000000.123456789' loses its last digits; GNU tar applies them exactly",
-    strict=True,
-)
 def test_pax_mtime_nanoseconds_exact(dest):
     ti = tarfile.TarInfo("f")
     ti.pax_headers = {"mtime": "1700000000.123456789"}
@@ -559,11 +519,6 @@ def test_directory_mtime_survives_later_children_in_delete_format(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: when a tar lists the same directory twice, the later entry's mode is applied but "
-    "the earlier entry's mtime wins (finish() replays dir_times in reverse order): d ends with mtime 100, not 200",
-    strict=True,
-)
 def test_duplicate_directory_entries_later_wins(dest):
     apply(LayerTar().dir("d", mtime=100, mode=0o700).dir("d", mtime=200, mode=0o755).bytes(), dest)
     st_ = os.lstat(dest / "d")
@@ -572,11 +527,6 @@ def test_duplicate_directory_entries_later_wins(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: a directory entry later replaced by a file of the same name leaves its mtime in "
-    "dir_times; finish() then stamps the directory's mtime (100) onto the file (expected 200)",
-    strict=True,
-)
 def test_directory_replaced_by_file_keeps_file_mtime(dest):
     apply(LayerTar().dir("x", mtime=100).file("x", b"x", mtime=200).bytes(), dest)
     assert stat.S_ISREG(os.lstat(dest / "x").st_mode)
@@ -584,12 +534,6 @@ def test_directory_replaced_by_file_keeps_file_mtime(dest):
 
 
 @needs_root
-@pytest.mark.xfail(
-    reason="BUG: a tar listing a/, a/b/ and then a regular file a (later entries replace earlier "
-    "ones) makes apply_tar raise a raw NotADirectoryError from finish() (utime of the vanished "
-    "a/b) instead of applying the file (or at least raising InvalidLayer)",
-    strict=True,
-)
 def test_directory_tree_replaced_by_file(dest):
     res = apply(LayerTar().dir("a").dir("a/b").file("a", b"x").bytes(), dest)
     assert isinstance(res, ApplyResult)
@@ -889,11 +833,6 @@ def test_unsupported_compression_is_named(dest, codec, name):
     assert os.listdir(dest) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG (minor, moby has it too): an uncompressed tar whose first member name starts "
-    "with 'BZh' is sniffed as bzip2 and refused; sniffing could check the tar header first",
-    strict=True,
-)
 def test_uncompressed_tar_starting_with_bzh_name(dest):
     data = LayerTar().file("BZh.txt", b"x").bytes()
     res = apply(data, dest)

@@ -383,7 +383,10 @@ class Overlay2Driver(Driver):
 
     # -- native diff -------------------------------------------------------------
     def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
-        return archive.apply_tar(src, self._dir(id) / "diff", self.whiteout_format)
+        lowers = OverlayLowers(self.layer_dirs(id))
+        return archive.apply_tar(
+            src, self._dir(id) / "diff", self.whiteout_format, lambda rel: lowers.lstat("/" + rel) is not None
+        )
 
     def changes(self, id: str, parent: str | None) -> list[Change]:
         if not self.features.get("native_diff"):
