@@ -22,13 +22,17 @@ from .suites import SUITES
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
+class UsageError(Exception):
+    pass
+
+
 def _suites(values: list[str] | None) -> list[str]:
     if not values:
         return list(SUITES)
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        raise SystemExit(f"unknown suite(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     return list(dict.fromkeys(names))
 
 
@@ -39,7 +43,7 @@ def _storage_opts(values: list[str] | None) -> dict[str, str] | None:
     for v in values:
         k, sep, val = v.partition("=")
         if not sep:
-            raise SystemExit(f"--storage-opt wants KEY=VALUE, got {v!r}")
+            raise UsageError(f"--storage-opt wants KEY=VALUE, got {v!r}")
         out[k] = val
     return out
 
@@ -64,7 +68,10 @@ def _on_signal(signum, frame):  # turn SIGTERM/SIGHUP into an exception so clean
 def cmd_run(args) -> int:
     suites = _suites(args.suite)
     if args.runs is not None and args.runs < MIN_RUNS and not args.quick:
-        raise SystemExit(f"--runs below {MIN_RUNS} needs --quick (medians are of >= {MIN_RUNS} runs)")
+        raise UsageError(f"--runs below {MIN_RUNS} needs --quick (medians are of >= {MIN_RUNS} runs)")
+    if args.runs is not None and args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+    options = _storage_opts(args.storage_opt)
     out = Path(args.out).resolve()
     work_parent = Path(args.work_dir).resolve() if args.work_dir else out
     work_parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +79,7 @@ def cmd_run(args) -> int:
     work = work_parent / f"work-{os.getpid()}"
     work.mkdir()
     ctx = RunContext(out_dir=out, cache_dir=out / "cache", work_dir=work, quick=args.quick,
-                     driver=args.driver, options=_storage_opts(args.storage_opt))
+                     driver=args.driver, options=options)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     doc = {
@@ -137,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("list", help="list suites")
     ls.set_defaults(fn=cmd_list)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"python -m benchmarks: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
