@@ -406,3 +406,57 @@ def test_unusual_file_names(views):
         assert got == sorted(os.fsencode(n) for n in ODD_NAMES)
         for i, n in enumerate(ODD_NAMES):
             assert (root / "odd" / n).read_bytes() == f"{i}".encode()
+
+
+# ---------------------------------------------------------------------------
+# tar semantics: pax times, repeated entries
+
+
+def test_pax_subsecond_mtimes(views):
+    t = LayerTar()
+    t.dir("d")
+    t.file("d/f", b"x")
+    t.symlink("d/l", "f")
+    # pax 'mtime' records carry nanoseconds
+    for info, _ in t._entries:
+        info.pax_headers["mtime"] = "1700000000.123456789"
+    _, ro, rw = views(t.bytes())
+    for root in (ro, rw):
+        assert os.lstat(root / "d/f").st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.lstat(root / "d/l").st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.lstat(root / "d").st_mtime_ns == 1_700_000_000_123_456_789
+
+
+def test_repeated_entries_later_wins(views):
+    data = (LayerTar()
+            .file("f", b"first", mode=0o600)
+            .file("f", b"second", mode=0o644)
+            .dir("was-dir").file("was-dir/child", b"c")
+            .file("was-dir", b"now a file")
+            .file("was-file", b"file")
+            .dir("was-file", mode=0o700)
+            .symlink("link", "a")
+            .symlink("link", "b")
+            .bytes())
+    _, ro, rw = views(data)
+    for root in (ro, rw):
+        assert (root / "f").read_bytes() == b"second"
+        assert stat.S_IMODE(os.lstat(root / "f").st_mode) == 0o644
+        assert (root / "was-dir").read_bytes() == b"now a file"
+        assert (root / "was-file").is_dir()
+        assert stat.S_IMODE(os.lstat(root / "was-file").st_mode) == 0o700
+        assert os.readlink(root / "link") == "b"
+
+
+def test_repeated_directory_entry_merges_and_updates_metadata(views):
+    data = (LayerTar()
+            .dir("d", mode=0o755)
+            .file("d/a", b"a")
+            .dir("d", mode=0o700, uid=3, gid=4)
+            .file("d/b", b"b")
+            .bytes())
+    _, ro, rw = views(data)
+    for root in (ro, rw):
+        assert sorted(os.listdir(root / "d")) == ["a", "b"]
+        st = os.lstat(root / "d")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 3, 4)
