@@ -247,6 +247,97 @@ def _split(rel: str) -> tuple[str, str]:
 
 # -- apply -------------------------------------------------------------------
 
+SMALL_FILE = 1 << 20  # files up to this size are written by worker threads
+_BATCH_FILES = 64
+_BATCH_BYTES = 4 << 20
+_INFLIGHT_BYTES = 64 << 20
+
+
+def _process_umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _write_data(fd: int, data) -> bool:
+    """Write *data* at the current offset, turning all-zero blocks into holes; True if it made holes."""
+    view = memoryview(data)
+    holes = False
+    for off in range(0, len(view), _HOLE_GRAIN):
+        piece = view[off : off + _HOLE_GRAIN]
+        # Why: all-zero blocks become holes so sparse images stay sparse.
+        if len(piece) == _HOLE_GRAIN and piece == _ZEROS:
+            os.lseek(fd, _HOLE_GRAIN, os.SEEK_CUR)
+            holes = True
+            continue
+        while piece:
+            written = os.write(fd, piece)
+            piece = piece[written:]
+    return holes
+
+
+class _ParallelWriter:
+    """Writes small files on worker threads while the main thread parses the tar.
+
+    Why: unpacking is dominated by per-file syscalls (open, write, chown,
+    utime, close), which release the GIL; two or more threads overlap them
+    where GNU tar does them one after another.  Files go in batches (fewer
+    futures) with a cap on bytes in flight.  Anything that could race with a
+    pending write (replacing, linking or deleting a path, listing a
+    directory) calls barrier() first.
+    """
+
+    def __init__(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="layerfs-apply")
+        self.batch: list[Callable[[], None]] = []
+        self.batch_bytes = 0
+        self.inflight: list[tuple[object, int]] = []
+        self.inflight_bytes = 0
+        self.pending: set[str] = set()
+
+    def add(self, rel: str, job: Callable[[], None], nbytes: int) -> None:
+        self.batch.append(job)
+        self.pending.add(rel)
+        self.batch_bytes += nbytes
+        if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            jobs, self.batch = self.batch, []
+            self.inflight.append((self.pool.submit(_run_jobs, jobs), self.batch_bytes))
+            self.inflight_bytes += self.batch_bytes
+            self.batch_bytes = 0
+        while self.inflight and (self.inflight_bytes > _INFLIGHT_BYTES or self.inflight[0][0].done()):
+            future, nbytes = self.inflight.pop(0)
+            self.inflight_bytes -= nbytes
+            future.result()  # surfaces a worker's error early
+
+    def barrier(self) -> None:
+        self.flush()
+        while self.inflight:
+            future, nbytes = self.inflight.pop(0)
+            self.inflight_bytes -= nbytes
+            future.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.batch.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_jobs(jobs: list[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
+
+
 
 class _Applier:
     def __init__(self, dest: str, fmt: WhiteoutFormat, hides_something: Callable[[str], bool] | None):
@@ -259,6 +350,12 @@ class _Applier:
         self.dir_times: dict[str, tuple[int, int]] = {}  # rel -> (atime, mtime), set at the end
         self.size = 0
         self.chown = os.geteuid() == 0
+        # OVERLAY and AUFS layers are applied into an empty directory, so what
+        # exists is exactly what this tar made: no lstat before each create.
+        self.fresh = fmt is not WhiteoutFormat.DELETE
+        self.setgid_dirs: set[str] = set()
+        self.umask = _process_umask()
+        self.writer = _ParallelWriter(max(2, min(4, os.cpu_count() or 2)))
 
     def path(self, rel: str) -> str:
         return self.dest + "/" + rel if rel else self.dest
@@ -299,8 +396,14 @@ class _Applier:
         self.safe_dirs = {d for d in self.safe_dirs if d != rel and not d.startswith(prefix)}
         self.dir_times = {d: t for d, t in self.dir_times.items() if d != rel and not d.startswith(prefix)}
 
+    def may_exist(self, rel: str) -> bool:
+        return not self.fresh or rel in self.created or rel in self.overlay_whiteouts
+
     def clear(self, rel: str, keep_dir: bool) -> bool:
         """Make room for a new entry at rel; True when an existing directory is kept."""
+        if not self.may_exist(rel):
+            return False
+        self.writer.barrier()
         path = self.path(rel)
         try:
             st = os.lstat(path)
@@ -370,6 +473,7 @@ class _Applier:
     def _clear_lower(self, rel: str) -> None:
         """Delete what lower layers left under rel, keeping what this tar wrote."""
         prefix = rel + "/" if rel else ""
+        self.writer.barrier()
         for name in os.listdir(self.path(rel)):
             child = prefix + name
             if child not in self.created:
@@ -389,6 +493,10 @@ class _Applier:
             self.safe_dirs.add(rel)
             self.created.add(rel)
             self._set_owner_mode(path, m, symlink=False)
+            if m.mode & stat.S_ISGID:
+                self.setgid_dirs.add(rel)
+            else:
+                self.setgid_dirs.discard(rel)
             self._set_xattrs(path, m)
             self.dir_times.pop(rel, None)  # a later entry for the same directory wins
             self.dir_times[rel] = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
@@ -400,7 +508,7 @@ class _Applier:
         self.clear(rel, keep_dir=False)
         self.overlay_whiteouts.discard(rel)
         if m.isreg():
-            self._write_file(tf, m, path)
+            self._write_file(tf, m, rel, path)
         elif m.issym():
             os.symlink(m.linkname, path)
             self._set_owner_mode(path, m, symlink=True)
@@ -431,6 +539,8 @@ class _Applier:
                 f"layer entry {m.name!r} is a hardlink to {m.linkname!r}, which is not an earlier file of this layer"
             )
         tpath = self.path(target)
+        if target in self.writer.pending:
+            self.writer.barrier()
         if stat.S_ISDIR(os.lstat(tpath).st_mode):
             raise InvalidLayer(f"layer entry {m.name!r} is a hardlink to the directory {m.linkname!r}")
         self.clear(rel, keep_dir=False)
@@ -438,36 +548,46 @@ class _Applier:
         os.link(tpath, self.path(rel), follow_symlinks=False)
         self.created.add(rel)
 
-    def _write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def _write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, path: str) -> None:
+        if rel in self.writer.pending:
+            self.writer.barrier()  # the same name twice in one tar: the later one wins
+        parent, _ = _split(rel)
+        # Root-owned files need no chown unless a setgid parent (or, applying
+        # onto existing content, any parent) would hand them another group.
+        chown = self.chown and (m.uid or m.gid or not self.fresh or parent in self.setgid_dirs)
+        mode = m.mode & 0o7777
+        chmod = bool(mode & 0o7000) or (mode & self.umask) != 0
+        times = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
+        self.size += m.size
+        if m.size <= SMALL_FILE and not m.sparse:
+            data = tf.extractfile(m).read() if m.size else b""
+            if len(data) != m.size:
+                raise InvalidLayer(f"layer tar is truncated inside entry {m.name!r}")
+            self.writer.add(rel, lambda: self._create_file(path, m, data, chown, mode, chmod, times), m.size)
+            return
+        self._create_file(path, m, tf.extractfile(m), chown, mode, chmod, times)
+
+    def _create_file(self, path, m, data, chown: bool, mode: int, chmod: bool, times) -> None:
+        """Create one regular file from bytes or a stream (runs on worker threads too)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777)
         try:
-            if m.size:
-                src = tf.extractfile(m)
+            if isinstance(data, bytes):
+                holes = _write_data(fd, data)
+            else:
                 holes = False
                 while True:
-                    chunk = src.read(CHUNK)
+                    chunk = data.read(CHUNK)
                     if not chunk:
                         break
-                    view = memoryview(chunk)
-                    for off in range(0, len(view), _HOLE_GRAIN):
-                        piece = view[off : off + _HOLE_GRAIN]
-                        # Why: all-zero blocks become holes so sparse images stay sparse.
-                        if len(piece) == _HOLE_GRAIN and piece == _ZEROS:
-                            os.lseek(fd, _HOLE_GRAIN, os.SEEK_CUR)
-                            holes = True
-                            continue
-                        while piece:
-                            written = os.write(fd, piece)
-                            piece = piece[written:]
-                if holes:
-                    os.ftruncate(fd, m.size)
-                self.size += m.size
-            if self.chown:
-                # Always: a new file in a setgid directory inherits its group.
+                    holes = _write_data(fd, chunk) or holes
+            if holes:
+                os.ftruncate(fd, m.size)
+            if chown:
                 os.fchown(fd, m.uid, m.gid)
-            os.fchmod(fd, m.mode & 0o7777)
+            if chmod or chown:
+                os.fchmod(fd, mode)  # after chown: chown clears setuid/setgid bits
             self._set_xattrs(path, m)
-            os.utime(fd, ns=(_time_ns(m, "atime"), _time_ns(m, "mtime")))
+            os.utime(fd, ns=times)
         finally:
             os.close(fd)
 
@@ -504,6 +624,7 @@ class _Applier:
                     raise InvalidLayer(f"layer entry {m.name!r}: cannot set xattr {name!r}: {exc.strerror}") from None
 
     def finish(self) -> None:
+        self.writer.barrier()
         for rel, times in self.dir_times.items():
             os.utime(self.path(rel), ns=times, follow_symlinks=False)
 
@@ -564,8 +685,18 @@ def apply_tar(
     reader = _HashingReader(stream)
     applier = _Applier(os.fspath(dest), fmt, hides_something)
     try:
+        return _apply_all(reader, applier, compression)
+    finally:
+        applier.writer.close()
+
+
+def _apply_all(reader: _HashingReader, applier: _Applier, compression: str) -> ApplyResult:
+    try:
         try:
-            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK, tarinfo=_TarInfo)
+            # Why a BufferedReader under tarfile's small records: tarfile's
+            # stream mode copies its whole buffer on every header read, so a
+            # big bufsize there is quadratic.
+            tf = tarfile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|", tarinfo=_TarInfo)
         except tarfile.ReadError as exc:
             if reader.count == 0:
                 tf = None  # an empty stream is an empty layer
@@ -578,13 +709,13 @@ def apply_tar(
             if bad_end:
                 raise InvalidLayer(f"layer tar is truncated or malformed after entry {tf.offset} bytes in ({bad_end})")
         reader.drain()
+        applier.finish()
     except _STREAM_ERRORS as exc:
         raise InvalidLayer(f"layer tar is truncated or malformed ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise
         raise InvalidLayer(f"layer cannot be applied: {exc}") from None
-    applier.finish()
     return ApplyResult("sha256:" + reader.sha.hexdigest(), applier.size, compression)
 
 
