@@ -186,3 +186,45 @@ with layerfs.open_store({str(root)!r}) as s:
         assert all(l.refs == 4 for l in layers.values() if l.parent)
         assert store.check() == []
         assert _mountapi.mounts_under(str(root)) == []
+
+
+def test_naive_diff_agrees_with_native_diff(tmp_path):
+    """The naive diff (mount both views, compare) and overlay2's native diff give the same answer."""
+    with layerfs.open_store(tmp_path / "root") as store:
+        assert store.driver.features["native_diff"], "this kernel should allow the native diff"
+        base = store.register(_tar({"etc/passwd": b"root\n", "etc/group": b"g\n", "d/a": b"1", "d/sub/b": b"2", "keep": b"k"}))
+        store.create_container("c", base.chain_id)
+        path = store.mount("c")
+        (path / "etc/passwd").write_text("changed\n")
+        os.unlink(path / "etc/group")
+        shutil.rmtree(path / "d")
+        (path / "d").mkdir()  # deleted and recreated: opaque
+        (path / "d/new").write_text("n")
+        (path / "added").mkdir()
+        (path / "added/f").write_text("f")
+        os.chmod(path / "keep", 0o600)
+        store.unmount("c")
+
+        native = store.changes("c")
+        native_tar = io.BytesIO()
+        store.export_diff("c", native_tar)
+        store.driver.features["native_diff"] = False
+        naive = store.changes("c")
+        naive_tar = io.BytesIO()
+        store.export_diff("c", naive_tar)
+        assert naive == native
+        assert "D /d/a" in [str(c) for c in native] and "D /d/sub" in [str(c) for c in native]
+
+        # Both exports, applied on the parent, reproduce the container's view.
+        views = []
+        for n, data in enumerate((native_tar, naive_tar)):
+            data.seek(0)
+            layer = store.register(data, parent=base.chain_id)
+            store.create_container(f"check{n}", layer.chain_id)
+            root = store.mount(f"check{n}")
+            views.append(sorted(str(p.relative_to(root)) for p in root.rglob("*")))
+            assert (root / "etc/passwd").read_text() == "changed\n"
+            assert oct(os.stat(root / "keep").st_mode & 0o777) == "0o600"
+            store.unmount(f"check{n}")
+        assert views[0] == views[1]
+        assert "d/a" not in views[0] and "d/new" in views[0] and "etc/group" not in views[0]
