@@ -24,8 +24,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # busybox-static: the sample image; xfsprogs/e2fsprogs: loop-image backing
 # filesystems (overlay2.size quotas on xfs); tar; kmod: modprobe; util-linux:
 # mount/losetup/findmnt; fuse3: the FUSE (aufs) driver.
-# The VM test step (tests/vm/run.py): qemu-system-x86 (TCG), busybox-static and
-# cpio for its initramfs, kmod (depmod/modprobe on the unpacked Debian kernel),
+# The VM test step (tests/vm/run.py): qemu-system-x86 (TCG), busybox-static for
+# its initramfs (cpio to inspect one), kmod (depmod/modprobe on the Debian kernel),
 # lvm2 + thin-provisioning-tools for the device-mapper tests run in the guest.
 APT_PACKAGES=(busybox-static xfsprogs e2fsprogs tar kmod util-linux fuse3
               qemu-system-x86 cpio lvm2 thin-provisioning-tools)
