@@ -174,9 +174,12 @@ class Overlay2Driver(Driver):
         upper, work = str(scratch / "upper"), str(scratch / "work")
         out = {"overlay": False, "lowerdir_plus": False, "native_diff": False}
         try:
+            # Create a superblock, not just set the key: before Linux 6.8 overlay
+            # takes unknown keys as legacy options and refuses them only here.
             with _mountapi.FsContext("overlay") as ctx:
                 for lower in lowers:
                     ctx.set_string("lowerdir+", lower)
+                ctx.create()
                 out["lowerdir_plus"] = True
         except OSError:
             pass
