@@ -55,6 +55,7 @@ class ApplyResult:
     diff_id: str  # sha256 of the uncompressed tar
     size: int  # bytes of regular-file content
     compression: str  # "none", "gzip" or "zstd"
+    whiteouts: tuple[str, ...] = ()  # overlay-format whiteouts made (relative paths)
 
 
 class _HashingReader(io.RawIOBase):
@@ -340,10 +341,9 @@ def _run_jobs(jobs: list[Callable[[], None]]) -> None:
 
 
 class _Applier:
-    def __init__(self, dest: str, fmt: WhiteoutFormat, hides_something: Callable[[str], bool] | None):
+    def __init__(self, dest: str, fmt: WhiteoutFormat):
         self.dest = dest.rstrip("/")
         self.fmt = fmt
-        self.hides_something = hides_something
         self.safe_dirs: set[str] = {""}  # relpaths verified to be real directories
         self.created: set[str] = set()  # relpaths this tar created
         self.overlay_whiteouts: set[str] = set()
@@ -455,10 +455,6 @@ class _Applier:
             return
         self.clear(rel, keep_dir=False)
         if self.fmt is WhiteoutFormat.OVERLAY:
-            # Why skip a whiteout that hides nothing: overlayfs lists it in a
-            # directory no lower layer shares, as a name that cannot be opened.
-            if self.hides_something is not None and not self.hides_something(rel):
-                return
             os.mknod(path, stat.S_IFCHR | 0o000, 0)
             self.overlay_whiteouts.add(rel)
 
@@ -672,18 +668,16 @@ _STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, g
 
 
 def apply_tar(
-    src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat, hides_something: Callable[[str], bool] | None = None
+    src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat
 ) -> ApplyResult:
     """Apply a (possibly compressed) layer tar read from *src* into *dest*.
 
-    *dest* must exist.  *hides_something(rel)* tells whether a lower layer
-    has an entry at rel (overlay format: whiteouts of nothing are left out).
-    On error the directory is left partly written; the caller owns it and
+    *dest* must exist.  On error the directory is left partly written; the caller owns it and
     removes it.
     """
     stream, compression = decompressed(src)
     reader = _HashingReader(stream)
-    applier = _Applier(os.fspath(dest), fmt, hides_something)
+    applier = _Applier(os.fspath(dest), fmt)
     try:
         return _apply_all(reader, applier, compression)
     finally:
@@ -716,7 +710,9 @@ def _apply_all(reader: _HashingReader, applier: _Applier, compression: str) -> A
         if exc.errno == errno.ENOSPC:
             raise
         raise InvalidLayer(f"layer cannot be applied: {exc}") from None
-    return ApplyResult("sha256:" + reader.sha.hexdigest(), applier.size, compression)
+    return ApplyResult(
+        "sha256:" + reader.sha.hexdigest(), applier.size, compression, tuple(sorted(applier.overlay_whiteouts))
+    )
 
 
 # -- export ------------------------------------------------------------------

@@ -40,10 +40,10 @@ import re
 import secrets
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from . import archive, digest
 from ._intents import Intents
@@ -247,26 +247,39 @@ class LayerStore:
     # -- adding layers -------------------------------------------------------------
     def register(self, src, parent: str | None = None, expected_diff_id: str | None = None) -> Layer:
         """Apply a layer tar (path or binary file object; plain, gzip or zstd) on *parent*."""
-        if expected_diff_id is not None and not digest.is_digest(expected_diff_id):
-            raise InvalidOption(f"expected diff id {expected_diff_id!r} is not a sha256:<64 hex> digest")
+        return self.register_chain([(src, expected_diff_id)], parent=parent)[0]
+
+    def register_chain(
+        self, sources: Sequence[tuple[object, str | None]], parent: str | None = None, parallel: bool = True
+    ) -> list[Layer]:
+        """Register layers stacked in order on *parent*; one reference on each.
+
+        *sources* are (src, expected_diff_id) pairs; src is a path, a binary
+        file object or a callable returning one.  Layers already stored
+        (known by expected diff id) are not read.  With every diff id known
+        and a driver whose layers are independent directories, the tars are
+        applied in parallel; nothing becomes visible until all of them are
+        applied and verified, and then all at once.
+        """
+        for _, expected in sources:
+            if expected is not None and not digest.is_digest(expected):
+                raise InvalidOption(f"expected diff id {expected!r} is not a sha256:<64 hex> digest")
+        if not sources:
+            return []
+        if len(sources) > 1 and any(expected is None for _, expected in sources):
+            # Without diff ids a later layer's parent is known only after the
+            # earlier one is applied: go one by one.
+            out: list[Layer] = []
+            for src, expected in sources:
+                out.append(self.register_chain([(src, expected)], parent=parent)[0])
+                parent = out[-1].chain_id
+            return out
         parent_row = self._layer_row(parent) if parent is not None else None
-        if expected_diff_id is not None:
-            # Known content: take a reference without reading the tar at all.
-            known = self._take_ref(digest.chain_id(parent_row["chain_id"] if parent_row else None, expected_diff_id))
-            if known is not None:
-                return known
-        if isinstance(src, (str, os.PathLike)):
-            try:
-                f = open(src, "rb")
-            except FileNotFoundError:
-                raise NotFound(f"layer file {os.fspath(src)} does not exist") from None
-            except IsADirectoryError:
-                raise InvalidOption(f"layer file {os.fspath(src)} is a directory; give a tar file") from None
-            with f:
-                return self._add_layer(parent_row, lambda cache_id, pcache: self.driver.apply(cache_id, pcache, f), expected_diff_id)
-        if not hasattr(src, "read"):
-            raise InvalidOption(f"register() takes a path or a binary file object, not {type(src).__name__}")
-        return self._add_layer(parent_row, lambda cache_id, pcache: self.driver.apply(cache_id, pcache, src), expected_diff_id)
+        for _attempt in range(5):
+            result = self._add_layers(parent_row, sources, parallel)
+            if result is not None:
+                return result
+        raise InUse("the layer chain kept changing under concurrent registrations; try again")
 
     def _take_ref(self, chain_id: str) -> Layer | None:
         with self.db.write() as db:
@@ -276,44 +289,105 @@ class LayerStore:
             db.execute("UPDATE layers SET refs = refs + 1 WHERE chain_id = ?", (chain_id,))
         return self.layer(chain_id)
 
-    def _add_layer(
-        self, parent_row, fill: Callable[[str, str | None], archive.ApplyResult], expected_diff_id: str | None
-    ) -> Layer:
-        depth = (parent_row["depth"] if parent_row else 0) + 1
-        if depth > self.driver.max_depth:
+    def _add_layers(self, parent_row, sources, parallel: bool) -> list[Layer] | None:
+        """One attempt at register_chain; None when another process raced us (retry)."""
+        depth0 = parent_row["depth"] if parent_row else 0
+        if depth0 + len(sources) > self.driver.max_depth:
             raise InvalidLayer(
-                f"layer on {parent_row['chain_id']} would make a chain {depth} layers deep; "
-                f"{self.driver.name} mounts at most {self.driver.max_depth}"
+                f"layer chain on {parent_row['chain_id'] if parent_row else 'scratch'} would be "
+                f"{depth0 + len(sources)} layers deep; {self.driver.name} mounts at most {self.driver.max_depth}"
             )
-        parent_id = parent_row["chain_id"] if parent_row else None
+        # Plan: a known prefix is reused; everything after it is new.
+        chain = parent_row["chain_id"] if parent_row else None
         parent_cache = parent_row["cache_id"] if parent_row else None
-        cache_id = secrets.token_hex(16)
-        with self.intents.hold(cache_id):
+        reused = 0
+        for _, expected in sources:
+            if expected is None:
+                break
+            row = self.db.one("SELECT cache_id FROM layers WHERE chain_id = ?", (digest.chain_id(chain, expected),))
+            if row is None:
+                break
+            chain, parent_cache = digest.chain_id(chain, expected), row["cache_id"]
+            reused += 1
+        plan = [(src, expected, secrets.token_hex(16)) for src, expected in sources[reused:]]
+        with ExitStack() as intents:
+            for _, _, cache_id in plan:
+                intents.enter_context(self.intents.hold(cache_id))
+            created: list[str] = []
             try:
-                self.driver.create(cache_id, parent_cache)
-                result = fill(cache_id, parent_cache)
-                if expected_diff_id is not None and result.diff_id != expected_diff_id:
-                    raise DigestMismatch(
-                        f"layer content has diff id {result.diff_id}, expected {expected_diff_id}; nothing was stored"
-                    )
-                chain = digest.chain_id(parent_id, result.diff_id)
+                results = self._fill_layers(plan, parent_cache, parallel, created)
+                chains, rows = self._chain_rows(sources[:reused], plan, results, parent_row)
                 with self.db.write() as db:
-                    if parent_id is not None and db.execute("SELECT 1 FROM layers WHERE chain_id = ?", (parent_id,)).fetchone() is None:
-                        raise NotFound(f"parent layer {parent_id} was removed while its child was being added")
-                    existing = db.execute("SELECT 1 FROM layers WHERE chain_id = ?", (chain,)).fetchone()
-                    if existing:
-                        db.execute("UPDATE layers SET refs = refs + 1 WHERE chain_id = ?", (chain,))
-                    else:
-                        db.execute(
-                            "INSERT INTO layers VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
-                            (chain, result.diff_id, parent_id, cache_id, result.size, depth, time.time()),
-                        )
+                    if parent_row and not db.execute("SELECT 1 FROM layers WHERE chain_id = ?", (parent_row["chain_id"],)).fetchone():
+                        raise NotFound(f"parent layer {parent_row['chain_id']} was removed while its children were being added")
+                    present = [db.execute("SELECT 1 FROM layers WHERE chain_id = ?", (c,)).fetchone() is not None for c in chains]
+                    if not all(present[:reused]) or _stored_then_missing(present[reused:]):
+                        # Another process stored (or removed) part of this chain
+                        # meanwhile, so a new layer sits on a copy that will not be
+                        # kept. Start over with a fresh plan.
+                        raise _Raced()
+                    for chain_id, row, there in zip(chains, rows, present):
+                        if there:
+                            db.execute("UPDATE layers SET refs = refs + 1 WHERE chain_id = ?", (chain_id,))
+                        else:
+                            db.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, 1, ?, ?)", row)
+            except _Raced:
+                for cache_id in created:
+                    self.driver.remove(cache_id)
+                return None
             except BaseException:
-                self.driver.remove(cache_id)
+                for cache_id in created:
+                    self.driver.remove(cache_id)
                 raise
-            if existing:
-                self.driver.remove(cache_id)  # same content already stored: keep one copy
-        return self.layer(chain)
+            for (_, _, cache_id), there in zip(plan, present[reused:]):
+                if there:
+                    self.driver.remove(cache_id)  # the same content is already stored: keep one copy
+        return [self.layer(c) for c in chains]
+
+    def _fill_layers(self, plan, parent_cache: str | None, parallel: bool, created: list[str]) -> list[archive.ApplyResult]:
+        pcache = parent_cache
+        parents = []
+        for _, _, cache_id in plan:
+            self.driver.create(cache_id, pcache)
+            created.append(cache_id)
+            parents.append(pcache)
+            pcache = cache_id
+
+        def fill(i: int) -> archive.ApplyResult:
+            src, expected, cache_id = plan[i]
+            result = _apply_source(self.driver, cache_id, parents[i], src)
+            if expected is not None and result.diff_id != expected:
+                raise DigestMismatch(f"layer content has diff id {result.diff_id}, expected {expected}; nothing was stored")
+            return result
+
+        if parallel and self.driver.parallel_apply and len(plan) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(len(plan), 4), thread_name_prefix="layerfs-layer") as pool:
+                futures = [pool.submit(fill, i) for i in range(len(plan))]
+                results = [f.result() for f in futures]
+        else:
+            results = [fill(i) for i in range(len(plan))]
+        for (_, _, cache_id), result in zip(plan, results):
+            self.driver.finish_apply(cache_id, result)  # parents are complete now
+        return results
+
+    def _chain_rows(self, reused_sources, plan, results, parent_row):
+        chains, rows = [], []
+        chain = parent_row["chain_id"] if parent_row else None
+        depth = parent_row["depth"] if parent_row else 0
+        for _, expected in reused_sources:
+            chain = digest.chain_id(chain, expected)
+            depth += 1
+            chains.append(chain)
+            rows.append(None)
+        now = time.time()
+        for (_, _, cache_id), result in zip(plan, results):
+            parent_chain, chain = chain, digest.chain_id(chain, result.diff_id)
+            depth += 1
+            chains.append(chain)
+            rows.append((chain, result.diff_id, parent_chain, cache_id, result.size, depth, now))
+        return chains, rows
 
     def release(self, chain_id: str) -> None:
         """Drop one reference; the last one deletes the layer (InUse while it has dependents)."""
@@ -433,18 +507,10 @@ class LayerStore:
     def commit(self, name: str) -> Layer:
         """The container's changes become a new layer on the container's parent (one reference)."""
         ctr, parent_cache = self._container_caches(name)
-        parent_row = self._layer_row(ctr.parent) if ctr.parent else None
         with tempfile.TemporaryFile(dir=self.root / "tmp") as tmp:
             diff_id = self.driver.export(ctr.cache_id, parent_cache, tmp)
-            known = self._take_ref(digest.chain_id(ctr.parent, diff_id))
-            if known is not None:
-                return known
-
-            def fill(cache_id: str, pcache: str | None) -> archive.ApplyResult:
-                tmp.seek(0)
-                return self.driver.apply(cache_id, pcache, tmp)
-
-            return self._add_layer(parent_row, fill, diff_id)
+            tmp.seek(0)
+            return self.register(tmp, parent=ctr.parent, expected_diff_id=diff_id)
 
     # -- maintenance ----------------------------------------------------------------------
     def status(self) -> dict:
@@ -518,6 +584,38 @@ class LayerStore:
                     self.driver.remove(row["cache_id"])
         problems += self.driver.cleanup(repair)
         return problems
+
+
+class _Raced(Exception):
+    """Another process changed the chain being registered (internal: retried)."""
+
+
+def _stored_then_missing(present: list[bool]) -> bool:
+    """True when a layer already stored is followed by one that is not (pure)."""
+    seen = False
+    for there in present:
+        if there:
+            seen = True
+        elif seen:
+            return True
+    return False
+
+
+def _apply_source(driver: Driver, cache_id: str, parent_cache: str | None, src) -> archive.ApplyResult:
+    if callable(src) and not hasattr(src, "read"):
+        src = src()
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            f = open(src, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"layer file {os.fspath(src)} does not exist") from None
+        except IsADirectoryError:
+            raise InvalidOption(f"layer file {os.fspath(src)} is a directory; give a tar file") from None
+        with f:
+            return driver.apply(cache_id, parent_cache, f)
+    if not hasattr(src, "read"):
+        raise InvalidOption(f"a layer source is a path or a binary file object, not {type(src).__name__}")
+    return driver.apply(cache_id, parent_cache, src)
 
 
 def _remove_tree(path: Path) -> None:

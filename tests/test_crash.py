@@ -195,8 +195,32 @@ def _verify_gc(store, ctx, done):
     assert {ctx["base"], ctx["extra"]} <= {l.chain_id for l in store.layers()}
 
 
+CHAIN = [_tar({"a/1": b"1" * 100}), _tar({"b/2": b"2"}, whiteouts=("a/1",)), _tar({"c/3": b"3" * 5000})]
+
+
+def _register_chain(ctx):
+    def op(store):
+        store.register_chain([(io.BytesIO(d), digest.sha256_digest(d)) for d in CHAIN], parent=ctx["base"])
+
+    return op
+
+
+def _verify_chain(store, ctx, done):
+    top = digest.chain_id(ctx["base"], digest.sha256_digest(CHAIN[0]))
+    for d in CHAIN[1:]:
+        top = digest.chain_id(top, digest.sha256_digest(d))
+    ids = {l.chain_id for l in store.layers()}
+    assert top in ids or not done
+    if top in ids:
+        path = store.mount(top)
+        assert sorted(p.name for p in path.iterdir()) == ["a", "b", "bin", "c", "etc"]
+        assert not (path / "a/1").exists()
+        store.unmount(top)
+
+
 SCENARIOS = {
     "register": (lambda ctx: (lambda s: s.register(ctx["top_tar"], parent=ctx["base"])), _verify_register),
+    "register_chain": (_register_chain, _verify_chain),
     "create_container": (lambda ctx: (lambda s: s.create_container("newbie", ctx["base"])), _verify_create),
     "commit": (lambda ctx: (lambda s: s.commit("victim")), _verify_commit),
     "remove_container": (lambda ctx: (lambda s: s.remove_container("victim")), _verify_remove),

@@ -65,6 +65,9 @@ class Driver(abc.ABC):
     options: ClassVar[dict[str, str]] = {}  # option name -> help text
     whiteout_format: ClassVar[archive.WhiteoutFormat] = archive.WhiteoutFormat.DELETE
     max_depth: ClassVar[int] = 1 << 30  # deepest chain the driver can mount
+    # True when a layer can be applied before its parent is (independent
+    # directories); a snapshot driver applies onto a copy of the parent.
+    parallel_apply: ClassVar[bool] = False
 
     def __init__(self, home: Path, options: Mapping[str, str]):
         self.home = Path(home)
@@ -136,6 +139,9 @@ class Driver(abc.ABC):
             return archive.apply_tar(src, path, self.whiteout_format)
         finally:
             self.put(id)
+
+    def finish_apply(self, id: str, result: archive.ApplyResult) -> None:
+        """Called after apply() once every parent layer is complete."""
 
     def changes(self, id: str, parent: str | None) -> list[Change]:
         with self._views(id, parent) as (new, old):

@@ -92,6 +92,7 @@ class Overlay2Driver(Driver):
     priority = 10
     whiteout_format = archive.WhiteoutFormat.OVERLAY
     max_depth = OVERLAY_MAX_STACK
+    parallel_apply = True
     options = {
         "overlay2.size": "default size limit of a container's writable layer (xfs with pquota only), e.g. 10G",
         "overlay2.mountapi": "auto (default), new (fsopen + lowerdir+) or legacy (mount(2) with short links)",
@@ -386,10 +387,18 @@ class Overlay2Driver(Driver):
 
     # -- native diff -------------------------------------------------------------
     def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
+        return archive.apply_tar(src, self._dir(id) / "diff", self.whiteout_format)
+
+    def finish_apply(self, id: str, result: archive.ApplyResult) -> None:
+        # Why drop whiteouts that hide nothing: overlayfs lists them, in a
+        # directory no lower layer shares, as names that cannot be opened.
+        if not result.whiteouts:
+            return
         lowers = OverlayLowers(self.layer_dirs(id))
-        return archive.apply_tar(
-            src, self._dir(id) / "diff", self.whiteout_format, lambda rel: lowers.lstat("/" + rel) is not None
-        )
+        diff = self._dir(id) / "diff"
+        for rel in result.whiteouts:
+            if lowers.lstat("/" + rel) is None:
+                os.unlink(diff / rel)
 
     def changes(self, id: str, parent: str | None) -> list[Change]:
         if not self.features.get("native_diff"):
