@@ -40,6 +40,8 @@ def _row(r: dict) -> list[str]:
     status = r["status"]
     if status == "missed" and r.get("missed_by") is not None:
         status = f"missed by {r['missed_by'] * 100:.0f}%"
+    if status == "not judged (quick)":
+        status = f"({r.get('outcome')}) not judged: quick"
     if status == "n/a" and r.get("reference") and r.get("target") is None:
         status = "reported (no target)"
     if r.get("error"):
