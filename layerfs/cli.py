@@ -208,6 +208,16 @@ def cmd_export_diff(store, args, out: _Output) -> None:
 
 
 def cmd_commit(store, args, out: _Output) -> None:
+    if args.image:
+        from .engine.images import ImageStore
+        from .engine.push import commit_image
+
+        image = commit_image(ImageStore(store), args.name, args.image, message=args.message)
+        if out.as_json:
+            out.data({"image": image.name, "id": image.id, "top_chain": image.top_chain})
+        else:
+            print(image.name)
+        return
     layer = store.commit(args.name)
     if out.as_json:
         out.data(_layer_dict(layer))
@@ -307,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("name")
     export.add_argument("-o", "--output", required=True, help="file to write (- for stdout)")
     export.set_defaults(func=cmd_export_diff)
-    commit = sub.add_parser("commit", help="turn a container's changes into a new layer; prints its chain id")
+    commit = sub.add_parser("commit", help="turn a container's changes into a new layer (prints its chain id) or, with IMAGE, a new image")
     commit.add_argument("name")
+    commit.add_argument("image", nargs="?", default=None, help="record an image of this name on the new layer")
+    commit.add_argument("-m", "--message", default="", help="history comment for the image")
     commit.set_defaults(func=cmd_commit)
     rmc = sub.add_parser("rm", help="remove containers")
     rmc.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
@@ -318,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify the store; --repair fixes what it reports")
     check.add_argument("--repair", action="store_true")
     check.set_defaults(func=cmd_check)
+
+    from .engine.cli import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -35,3 +35,7 @@ class DriverUnavailable(LayerfsError):
 
 class InvalidOption(LayerfsError):
     """An unknown or malformed storage option or argument."""
+
+
+class RegistryError(LayerfsError):
+    """A registry that cannot be reached, refuses the credentials, or answers with an error."""

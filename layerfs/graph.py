@@ -504,6 +504,16 @@ class LayerStore:
         ctr, parent_cache = self._container_caches(name)
         return self.driver.export(ctr.cache_id, parent_cache, fileobj)
 
+    def export_layer(self, chain_id: str, fileobj: BinaryIO) -> str:
+        """Write an image layer's own content as an uncompressed OCI layer tar; returns its diff id.
+
+        The bytes are a deterministic re-export: they equal the registered
+        tar only when that tar was itself written by layerfs.
+        """
+        row = self._layer_row(chain_id)
+        parent_cache = self._layer_row(row["parent"])["cache_id"] if row["parent"] else None
+        return self.driver.export(row["cache_id"], parent_cache, fileobj)
+
     def commit(self, name: str) -> Layer:
         """The container's changes become a new layer on the container's parent (one reference)."""
         ctr, parent_cache = self._container_caches(name)

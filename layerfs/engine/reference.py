@@ -54,10 +54,12 @@ class ImageRef:
                 repo = repo[len("library/") :]
             name = repo if self.host == DEFAULT_REGISTRY else f"{self.host}/{repo}"
             return f"{name}@{self.digest}" if self.digest and not self.tag else f"{name}:{self.tag or 'latest'}"
+        stem = (self.path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "image").lower()
         if self.ref:
-            return self.ref if ":" in self.ref else f"{self.ref}:latest"
-        stem = self.path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0] or "image"
-        return f"{stem.lower()}:latest"
+            if ":" in self.ref.rsplit("/", 1)[-1]:
+                return self.ref  # a full name:tag
+            return f"{stem}:{self.ref}" if self.transport != "docker-archive" else f"{self.ref}:latest"
+        return f"{stem}:latest"
 
 
 def parse(text: str) -> ImageRef:
