@@ -335,3 +335,17 @@ def test_layers_survive_reopen(store, store_root, driver_name):
         with mounted(s2, child.chain_id) as mp:
             assert (mp / "etc/hostname").read_bytes() == b"child\n"
         assert s2.check() == []
+
+
+def test_release_mounted_layer_is_in_use(store):
+    layer = register_bytes(store, _base().bytes())
+    path = store.mount(layer.chain_id)
+    try:
+        with pytest.raises(errors.InUse):
+            store.release(layer.chain_id)
+        assert (path / "etc/hostname").read_bytes() == b"layerfs\n"
+    finally:
+        store.unmount(layer.chain_id)
+    store.release(layer.chain_id)
+    with pytest.raises(errors.NotFound):
+        store.layer(layer.chain_id)

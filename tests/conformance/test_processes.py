@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -151,7 +152,12 @@ KILL_DELAYS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.13, 0.16, 0.19,
 
 def _kill_during(root, driver, delay, *args):
     p = _child(root, driver, *args)
-    line = p.stdout.readline()
+    watchdog = threading.Timer(120, p.kill)  # never hang the suite on a stuck child
+    watchdog.start()
+    try:
+        line = p.stdout.readline()
+    finally:
+        watchdog.cancel()
     if line.strip() != b"go":
         p.kill()
         _, err = p.communicate()
@@ -177,6 +183,7 @@ def _verify_big(mp, marker, files=400, size=16 << 10):
 
 
 def _reopen(root, driver):
+    # must open cleanly whatever instant the previous process died at
     s = layerfs.open_store(root, driver=driver)
     problems = s.check()
     assert problems == [], f"store not clean after a kill: {problems}"
@@ -194,7 +201,7 @@ def test_kill_during_register(store, store_root, driver_name, work_dir):
         _kill_during(store_root, driver_name, delay, "register", tar, base.chain_id)
         with _reopen(store_root, driver_name) as s:
             ids = chain_ids_of(s.layers())
-            assert base.chain_id in ids
+            assert base.chain_id in ids, f"delay {delay}: the base layer vanished: {ids}"
             new = ids - {base.chain_id}
             assert len(new) <= 1, f"delay {delay}: {new}"
             if new:
@@ -223,9 +230,10 @@ def test_kill_during_commit(store, store_root, driver_name):
     for delay in KILL_DELAYS:
         _kill_during(store_root, driver_name, delay, "commit", "c")
         with _reopen(store_root, driver_name) as s:
-            assert container_names(s) == {"c"}
+            assert container_names(s) == {"c"}, f"delay {delay}"
+            assert base.chain_id in chain_ids_of(s.layers()), f"delay {delay}: base vanished"
             ids = chain_ids_of(s.layers()) - {base.chain_id}
-            assert len(ids) <= 1
+            assert len(ids) <= 1, f"delay {delay}: {ids}"
             if ids:
                 (cid,) = ids
                 assert s.layer(cid).parent == base.chain_id
@@ -259,8 +267,8 @@ def test_kill_during_remove_container(store, store_root, driver_name):
                     _verify_big(mp, marker)
                 s.remove_container("victim")
             s.gc()
-            assert files_containing(store_root, marker) == []
-            assert chain_ids_of(s.layers()) == {base.chain_id}
+            assert files_containing(store_root, marker) == [], f"delay {delay}"
+            assert chain_ids_of(s.layers()) == {base.chain_id}, f"delay {delay}"
 
 
 @pytest.mark.slow
@@ -272,7 +280,8 @@ def test_kill_during_create_container(store, store_root, driver_name):
         _kill_during(store_root, driver_name, delay, "create", name, base.chain_id)
         with _reopen(store_root, driver_name) as s:
             names = container_names(s)
-            assert names <= {name}
+            assert names <= {name}, f"delay {delay}: {names}"
+            assert chain_ids_of(s.layers()) == {base.chain_id}, f"delay {delay}"
             if names:
                 assert s.container(name).parent == base.chain_id
                 with mounted(s, name) as mp:
