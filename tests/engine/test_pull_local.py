@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,7 @@ def test_engine_cli(tmp_path):
     root = tmp_path / "cli"
 
     def run(*args, ok=True):
-        proc = subprocess.run(["layerfs", "--root", str(root), *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), *args], capture_output=True, text=True)
         if ok:
             assert proc.returncode == 0, proc.stderr
         return proc
