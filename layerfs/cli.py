@@ -232,13 +232,17 @@ def cmd_rm(store, args, out: _Output) -> None:
 
 
 def cmd_gc(store, args, out: _Output) -> None:
-    result = store.gc()
+    from .engine.images import ImageStore
+
+    result = ImageStore(store).gc()  # unreferenced blobs, then the graph
     if out.as_json:
         out.data(result)
         return
     for line in result["repaired"]:
         print(f"fixed: {line}")
-    if not result["repaired"]:
+    if result.get("blobs_removed"):
+        print(f"removed {result['blobs_removed']} unreferenced blob(s)")
+    if not result["repaired"] and not result.get("blobs_removed"):
         print("nothing to collect")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,8 +75,18 @@ class ContentStore:
             names = os.listdir(directory)
         except FileNotFoundError:
             return 0
+        stale_before = time.time() - 24 * 3600
         for name in names:
-            if name.startswith(".ingest-") or "sha256:" + name not in keep:
-                (directory / name).unlink(missing_ok=True)
-                removed += 1
+            path = directory / name
+            if name.startswith(".ingest-"):
+                # A download in progress in another process; only old leftovers go.
+                try:
+                    if path.stat().st_mtime > stale_before:
+                        continue
+                except FileNotFoundError:
+                    continue
+            elif "sha256:" + name in keep:
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
         return removed
