@@ -147,7 +147,7 @@ def test_concurrent_create_of_same_name(store, store_root, driver_name):
 # SIGKILL at many points
 
 # Delays after the child said "go" (it then starts the operation at once).
-KILL_DELAYS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.13, 0.16, 0.19, 0.22, 0.26, 0.3)
+KILL_DELAYS = (0.0, 0.005, 0.02, 0.06, 0.12, 0.2)
 
 
 def _kill_during(root, driver, delay, *args):
