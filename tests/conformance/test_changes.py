@@ -170,8 +170,9 @@ def test_export_diff_returns_digest_of_tar(store, base):
     _container(store, "c", base.chain_id, [create_file("/etc/new", b"n")])
     diff_id, data = _export(store, "c")
     assert diff_id == sha256_digest(data)
-    # a plain (uncompressed) tar that Python can read
-    assert [normalize_name(n) for n in (ti.name for ti in read_entries(data))]
+    # a plain (uncompressed) tar that Python can read, holding the new file
+    entries = {normalize_name(ti.name): ti for ti in read_entries(data)}
+    assert entries["etc/new"].isfile() and entries["etc/new"].size == 1
 
 
 def test_export_diff_is_deterministic(store, base):

@@ -4,9 +4,7 @@ nothing written outside the layer."""
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 
 import pytest
 
