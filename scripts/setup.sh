@@ -27,8 +27,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # The VM test step (tests/vm/run.py): qemu-system-x86 (TCG), busybox-static for
 # its initramfs (cpio to inspect one), kmod (depmod/modprobe on the Debian kernel),
 # lvm2 + thin-provisioning-tools for the device-mapper tests run in the guest.
+# runc (default) and crun: the OCI runtimes of `layerfs run`.
 APT_PACKAGES=(busybox-static xfsprogs e2fsprogs tar kmod util-linux fuse3
-              qemu-system-x86 cpio lvm2 thin-provisioning-tools)
+              qemu-system-x86 cpio lvm2 thin-provisioning-tools runc crun)
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]

@@ -585,7 +585,7 @@ def _execute(cmd: list[str], *, stdin, stdout, stderr, own_group: bool, force_de
                 pass
         if signum in (signal.SIGINT, signal.SIGTERM):
             interrupts += 1
-            if interrupts >= 2:
+            if interrupts == 2:  # once: later ones must not disturb the forced delete
                 raise _Interrupted(signum)
 
     if threading.current_thread() is threading.main_thread():
@@ -669,6 +669,8 @@ def run(
     stdin_fd = _fd_of(stdin, 0)
     stdin_tty = _isatty(stdin_fd)
     terminal = stdin_tty if tty is None else bool(tty)
+    if terminal and not stdin_tty:
+        raise InvalidOption("--tty needs a terminal on stdin (the input device is not a TTY); drop -t")
 
     engine = store.root / "engine"
     state_root = engine / runtime
