@@ -31,6 +31,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(busybox-static xfsprogs e2fsprogs tar kmod util-linux fuse3
               qemu-system-x86 cpio lvm2 thin-provisioning-tools runc crun)
 
+# The registry tests (tests/engine/test_registry.py): docker-registry (the CNCF
+# distribution server), apache2-utils (htpasswd -B for its basic auth), openssl
+# (the test token server's signing key).
+APT_PACKAGES+=(docker-registry apache2-utils openssl)
+
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
 }

@@ -768,7 +768,7 @@ class _BlobReader(io.RawIOBase):
         except BaseException:
             resp.close()
             raise
-        self._resp, self._iter, self._skip = resp, resp.iter_bytes(CHUNK), skip
+        self._resp, self._iter, self._skip = resp, resp.iter_bytes(), skip
 
     def _close_response(self) -> None:
         if self._resp is not None:
