@@ -487,7 +487,7 @@ class RegistryClient:
         if status == 401:
             if sent_auth and (self._creds or self._credentials(repo)):
                 return RegistryError(f"authentication denied for {where}: the credentials were refused; check --creds USER:PASS or log in again{suffix}")
-            return RegistryError(f"authentication required for {where}; pass --creds USER:PASS or log in{suffix}")
+            return RegistryError(f"authentication required for {where} (or the repository does not exist); pass --creds USER:PASS or log in{suffix}")
         if status == 403:
             return RegistryError(f"authentication denied for {where}: no permission to {what}; pass --creds USER:PASS of an account with access or log in{suffix}")
         if status == 404 and manifest is not None:

@@ -244,7 +244,7 @@ class TokenServer:
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def sign(self, claims: dict) -> str:
@@ -345,6 +345,8 @@ class FaultProxy:
     ``"cut"``      send the headers and half the body, then close the connection
     ``"short"``    announce and send only half the body (a clean, short response)
     ``"corrupt"``  send the whole body with one byte flipped in the middle
+    ``"redirect"`` answer 307 with the registry's own URL (another origin), as
+                   registries backed by object storage do
 
     ``times`` limits how many requests get the fault (None: all); ``strip_range``
     drops Range headers (a server without range support).  ``requests`` records
@@ -356,6 +358,7 @@ class FaultProxy:
     target: str = "blob"
     times: int | None = None
     strip_range: bool = False
+    redirect_port: int | None = None  # where "redirect" points (default: the upstream)
     requests: list = field(default_factory=list)
     faults_done: int = 0
 
@@ -380,7 +383,7 @@ class FaultProxy:
         self.port = self._httpd.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def set(self, fault: str | None, *, target: str = "blob", times: int | None = None, strip_range: bool = False) -> None:
@@ -443,6 +446,12 @@ class FaultProxy:
             h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             h.wfile.write(body)
+            return
+        if fault == "redirect":
+            h.send_response(307)
+            h.send_header("Location", f"http://127.0.0.1:{self.redirect_port or self.upstream_port}{path}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
             return
         up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         try:

@@ -594,3 +594,38 @@ def test_bearer_anonymous_pull(registry_token, tmp_path):
         with pytest.raises(LayerfsError) as e:
             dest.put_manifest(raw, mt)  # anonymous may pull, not push
         check_error(e.value, RegistryError, f"{host}/public/tool", "--creds")
+
+
+def test_blob_redirect_is_followed_without_credentials(registry, registry_auth, tmp_path):
+    """A 307 to another origin (object storage) is followed; the registry's
+    credentials are not sent there."""
+    from .conftest import FaultProxy
+
+    data = data_of(120_000, 11)
+    d, n, p = blob_file(tmp_path, data)
+    with RegistryClient(registry.host) as c:
+        c.upload_blob("test/redir", d, p, n)  # the "storage" side has it
+    front, storage = FaultProxy(registry_auth.port), FaultProxy(registry.port)
+    try:
+        front.set("redirect")
+        front.redirect_port = storage.port
+        with RegistryClient(front.host, creds=registry_auth.creds) as c:
+            c.upload_blob("test/redir", d, p, n)
+            assert c.download_blob("test/redir", d, n, tmp_path / "out").read_bytes() == data
+            with c.blob_stream("test/redir", d, n) as f:
+                assert f.read() == data
+        assert front.faults_done == 2
+        gets = [h for m, path, h in storage.requests if m == "GET" and d in path]
+        assert len(gets) == 2 and not any("Authorization" in h for h in gets)
+        assert any("Authorization" in h for m, path, h in front.requests if m == "GET" and d in path)
+    finally:
+        front.stop()
+        storage.stop()
+
+
+def test_anonymous_auth_message_says_what_to_do(registry_auth):
+    with RegistryClient(registry_auth.host) as c:
+        with pytest.raises(LayerfsError) as e:
+            c.get_manifest("test/x", "1")
+    msg = check_error(e.value, RegistryError, f"{registry_auth.host}/test/x", "HTTP 401", "UNAUTHORIZED")
+    assert "pass --creds USER:PASS or log in" in msg
