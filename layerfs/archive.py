@@ -32,6 +32,7 @@ import zstandard
 
 from . import whiteout
 from .errors import InvalidLayer
+from .tarstream import Member, TarFormatError, TarReader
 
 CHUNK = 1 << 20
 _HOLE_GRAIN = 64 << 10
@@ -419,7 +420,7 @@ class _Applier:
         self.safe_dirs.discard(rel)
         return False
 
-    def apply_member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def apply_member(self, tf: TarReader, m: Member) -> None:
         try:
             rel = clean_member_name(m.name)
         except UnsafePath as exc:
@@ -427,7 +428,9 @@ class _Applier:
         if rel == "":
             return  # the layer root keeps the driver's own owner and mode
         parent, base = _split(rel)
-        if any(part.startswith(whiteout.AUFS_META_PREFIX) for part in parent.split("/")):
+        if whiteout.AUFS_META_PREFIX in parent and any(
+            part.startswith(whiteout.AUFS_META_PREFIX) for part in parent.split("/")
+        ):
             return  # inside aufs bookkeeping (.wh..wh.plnk/...): never content
         try:
             kind, target = whiteout.classify_name(base)
@@ -477,7 +480,7 @@ class _Applier:
             elif child in self.safe_dirs:
                 self._clear_lower(child)
 
-    def apply_entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str) -> None:
+    def apply_entry(self, tf: TarReader, m: Member, rel: str) -> None:
         path = self.path(rel)
         replaced_whiteout = rel in self.overlay_whiteouts
         if m.isdir():
@@ -521,7 +524,7 @@ class _Applier:
             raise InvalidLayer(f"layer entry {m.name!r} has unsupported tar type {m.type!r}")
         self.created.add(rel)
 
-    def apply_hardlink(self, m: tarfile.TarInfo, rel: str) -> None:
+    def apply_hardlink(self, m: Member, rel: str) -> None:
         try:
             target = clean_member_name(m.linkname)
         except UnsafePath as exc:
@@ -544,7 +547,7 @@ class _Applier:
         os.link(tpath, self.path(rel), follow_symlinks=False)
         self.created.add(rel)
 
-    def _write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, path: str) -> None:
+    def _write_file(self, tf: TarReader, m: Member, rel: str, path: str) -> None:
         if rel in self.writer.pending:
             self.writer.barrier()  # the same name twice in one tar: the later one wins
         parent, _ = _split(rel)
@@ -554,30 +557,38 @@ class _Applier:
         mode = m.mode & 0o7777
         chmod = bool(mode & 0o7000) or (mode & self.umask) != 0
         times = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
-        self.size += m.size
-        if m.size <= SMALL_FILE and not m.sparse:
-            data = tf.extractfile(m).read() if m.size else b""
-            if len(data) != m.size:
-                raise InvalidLayer(f"layer tar is truncated inside entry {m.name!r}")
+        self.size += m.file_size
+        if m.sparse is None and m.size <= SMALL_FILE:
+            data = tf.read_data(m.size) if m.size else b""
             self.writer.add(rel, lambda: self._create_file(path, m, data, chown, mode, chmod, times), m.size)
             return
-        self._create_file(path, m, tf.extractfile(m), chown, mode, chmod, times)
+        self._create_file(path, m, tf, chown, mode, chmod, times)
 
-    def _create_file(self, path, m, data, chown: bool, mode: int, chmod: bool, times) -> None:
-        """Create one regular file from bytes or a stream (runs on worker threads too)."""
+    def _create_file(self, path, m: Member, data, chown: bool, mode: int, chmod: bool, times) -> None:
+        """Create one regular file from bytes or the tar stream (runs on worker threads too)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777)
         try:
             if isinstance(data, bytes):
-                holes = _write_data(fd, data)
+                if _write_data(fd, data):
+                    os.ftruncate(fd, m.size)
+            elif m.sparse is not None:
+                # Write only the data segments: the holes stay holes.
+                for offset, length in m.sparse:
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    while length:
+                        chunk = data.read_data(min(length, CHUNK))
+                        _write_data(fd, chunk)
+                        length -= len(chunk)
+                os.ftruncate(fd, m.realsize)
             else:
                 holes = False
                 while True:
-                    chunk = data.read(CHUNK)
+                    chunk = data.read_data(CHUNK)
                     if not chunk:
                         break
                     holes = _write_data(fd, chunk) or holes
-            if holes:
-                os.ftruncate(fd, m.size)
+                if holes:
+                    os.ftruncate(fd, m.size)
             if chown:
                 os.fchown(fd, m.uid, m.gid)
             if chmod or chown:
@@ -587,22 +598,22 @@ class _Applier:
         finally:
             os.close(fd)
 
-    def _finish_special(self, path: str, m: tarfile.TarInfo) -> None:
+    def _finish_special(self, path: str, m: Member) -> None:
         self._set_owner_mode(path, m, symlink=False)
         self._set_xattrs(path, m)
         self._set_times(path, m, symlink=False)
 
-    def _set_owner_mode(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
+    def _set_owner_mode(self, path: str, m: Member, symlink: bool) -> None:
         if self.chown:
             os.lchown(path, m.uid, m.gid)
         if not symlink:
             # After chown: chown clears setuid/setgid bits.
             os.chmod(path, m.mode & 0o7777)
 
-    def _set_times(self, path: str, m: tarfile.TarInfo, symlink: bool) -> None:
+    def _set_times(self, path: str, m: Member, symlink: bool) -> None:
         os.utime(path, ns=(_time_ns(m, "atime"), _time_ns(m, "mtime")), follow_symlinks=not symlink)
 
-    def _set_xattrs(self, path: str, m: tarfile.TarInfo) -> None:
+    def _set_xattrs(self, path: str, m: Member) -> None:
         if not m.pax_headers:
             return
         for key, value in m.pax_headers.items():
@@ -638,7 +649,7 @@ def parse_pax_time(value: str) -> int | None:
 _PAX_TIME_RE = re.compile(r"^([-+]?)(\d+)(?:\.(\d*))?$")
 
 
-def _time_ns(m: tarfile.TarInfo, key: str) -> int:
+def _time_ns(m: Member, key: str) -> int:
     """The entry's mtime/atime in ns; pax records are read exactly (tarfile turns them into floats)."""
     record = m.pax_headers.get(key) if m.pax_headers else None
     if record is not None:
@@ -650,21 +661,7 @@ def _time_ns(m: tarfile.TarInfo, key: str) -> int:
     return int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
 
 
-class _TarInfo(tarfile.TarInfo):
-    """Records how the archive ended: tarfile quietly stops at a cut-off header."""
-
-    @classmethod
-    def fromtarfile(cls, tf):
-        try:
-            return super().fromtarfile(tf)
-        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
-            raise  # zero blocks, or the stream ends on a member boundary (Go's archive/tar accepts both)
-        except tarfile.HeaderError as exc:
-            tf.bad_end = f"{type(exc).__name__}: {exc}"
-            raise
-
-
-_STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
+_STREAM_ERRORS = (TarFormatError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
 
 
 def apply_tar(
@@ -686,22 +683,9 @@ def apply_tar(
 
 def _apply_all(reader: _HashingReader, applier: _Applier, compression: str) -> ApplyResult:
     try:
-        try:
-            # Why a BufferedReader under tarfile's small records: tarfile's
-            # stream mode copies its whole buffer on every header read, so a
-            # big bufsize there is quadratic.
-            tf = tarfile.open(fileobj=io.BufferedReader(reader, CHUNK), mode="r|", tarinfo=_TarInfo)
-        except tarfile.ReadError as exc:
-            if reader.count == 0:
-                tf = None  # an empty stream is an empty layer
-            else:
-                raise InvalidLayer(f"layer is not a tar archive ({exc})") from None
-        if tf is not None:
-            for member in tf:
-                applier.apply_member(tf, member)
-            bad_end = getattr(tf, "bad_end", None)
-            if bad_end:
-                raise InvalidLayer(f"layer tar is truncated or malformed after entry {tf.offset} bytes in ({bad_end})")
+        tf = TarReader(io.BufferedReader(reader, CHUNK))
+        for member in tf:
+            applier.apply_member(tf, member)
         reader.drain()
         applier.finish()
     except _STREAM_ERRORS as exc:

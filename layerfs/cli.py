@@ -336,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     from .engine.cli import add_commands
+    from .engine.cli_run import add_run_command
 
     add_commands(sub)
+    add_run_command(sub)
     return p
 
 

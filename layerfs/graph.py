@@ -592,7 +592,7 @@ class LayerStore:
                     with self.db.write() as db:
                         db.execute("DELETE FROM layers WHERE chain_id = ?", (row["chain_id"],))
                     self.driver.remove(row["cache_id"])
-        problems += self.driver.cleanup(repair)
+        problems += self.driver.cleanup(repair, deep=True)
         return problems
 
 

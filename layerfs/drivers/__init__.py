@@ -125,8 +125,11 @@ class Driver(abc.ABC):
     def status(self) -> dict:
         return {}
 
-    def cleanup(self, repair: bool = True) -> list[str]:
-        """Find (and with *repair*, finish) removals a crash interrupted; describe what was found."""
+    def cleanup(self, repair: bool = True, deep: bool = False) -> list[str]:
+        """Find (and with *repair*, finish) removals a crash interrupted; describe what was found.
+
+        Opening a store runs the cheap part; *deep* (gc, check) looks at everything.
+        """
         return []
 
     def close(self) -> None:

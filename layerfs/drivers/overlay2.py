@@ -251,8 +251,9 @@ class Overlay2Driver(Driver):
             chain = [parent] + self._lower_ids(parent)
             (d / "lower").write_text("\n".join(chain) + "\n")
         link = secrets.token_hex(5)
-        os.symlink(f"../{id}/diff", self.home / "l" / link)
+        # The name first: remove() finds the symlink through it, even after a crash here.
         (d / "link").write_text(link)
+        os.symlink(f"../{id}/diff", self.home / "l" / link)
         if size is not None:
             self.quota.set_limit(d / "diff", size)
 
@@ -261,9 +262,10 @@ class Overlay2Driver(Driver):
         d = self._dir(id)
         try:
             link = (d / "link").read_text().strip()
-            (self.home / "l" / link).unlink(missing_ok=True)
         except FileNotFoundError:
-            pass
+            link = ""
+        if link and "/" not in link:
+            (self.home / "l" / link).unlink(missing_ok=True)
         trash = self.home / "trash"
         try:
             # Why: a rename makes the layer vanish at once; a crash during the
@@ -374,16 +376,21 @@ class Overlay2Driver(Driver):
         info["mount_api"] = "new (lowerdir+)" if self.use_new_api else "legacy (mount(2), short links)"
         return info
 
-    def cleanup(self, repair: bool = True) -> list[str]:
+    def cleanup(self, repair: bool = True, deep: bool = False) -> list[str]:
+        found = []
         trash = self.home / "trash"
-        try:
-            leftovers = os.listdir(trash)
-        except FileNotFoundError:
-            return []
-        if repair:
-            for name in leftovers:
+        for name in os.listdir(trash) if trash.is_dir() else []:
+            found.append(f"overlay2 trash holds an unfinished deletion ({name})")
+            if repair:
                 remove_tree(str(trash / name))
-        return [f"overlay2 trash holds an unfinished deletion ({name})" for name in leftovers]
+        if deep:
+            links = self.home / "l"
+            for name in os.listdir(links) if links.is_dir() else []:
+                if not os.path.exists(links / name):  # dangling: its layer is gone
+                    found.append(f"overlay2 short link l/{name} points at a removed layer")
+                    if repair:
+                        (links / name).unlink(missing_ok=True)
+        return found
 
     # -- native diff -------------------------------------------------------------
     def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
