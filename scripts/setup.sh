@@ -35,6 +35,7 @@ APT_PACKAGES=(busybox-static xfsprogs e2fsprogs tar kmod util-linux fuse3
 # distribution server), apache2-utils (htpasswd -B for its basic auth), openssl
 # (the test token server's signing key).
 APT_PACKAGES+=(docker-registry apache2-utils openssl)
+APT_PACKAGES+=(strace skopeo umoci)  # kill-point tests; images written by clients we did not write
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]

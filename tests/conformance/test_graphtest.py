@@ -279,6 +279,7 @@ def xfs_pquota_dir(tmp_path):
         detach_mounts_under(mnt)
 
 
+@pytest.mark.vm  # this host's kernel has no XFS quota support; the VM's has
 def test_set_quota_on_xfs(xfs_pquota_dir, driver_name):
     root = xfs_pquota_dir / "root"
     root.mkdir()
@@ -297,6 +298,7 @@ def test_set_quota_on_xfs(xfs_pquota_dir, driver_name):
         detach_mounts_under(root)
 
 
+@pytest.mark.vm  # this host's kernel has no XFS quota support; the VM's has
 def test_default_size_option_on_xfs(xfs_pquota_dir, driver_name):
     if driver_name != "overlay2":
         pytest.skip("overlay2.size is an overlay2 option")
