@@ -33,6 +33,7 @@ import zstandard
 from . import whiteout
 from .errors import InvalidLayer
 from .tarstream import Member, TarFormatError, TarReader
+from ._io import ReadStream
 
 CHUNK = 1 << 20
 _HOLE_GRAIN = 64 << 10
@@ -59,7 +60,7 @@ class ApplyResult:
     whiteouts: tuple[str, ...] = ()  # overlay-format whiteouts made (relative paths)
 
 
-class _HashingReader(io.RawIOBase):
+class _HashingReader(ReadStream):
     """Passes reads through while hashing them."""
 
     def __init__(self, inner):
@@ -67,20 +68,12 @@ class _HashingReader(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, size: int = -1) -> bytes:
         data = self._inner.read(size)
         if data:
             self.sha.update(data)
             self.count += len(data)
         return data
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
     def drain(self) -> None:
         while self.read(CHUNK):
@@ -106,15 +99,12 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
-class _PrefixedReader(io.RawIOBase):
+class _PrefixedReader(ReadStream):
     """Gives back bytes already read for sniffing, then the rest of the stream."""
 
     def __init__(self, prefix: bytes, inner):
         self._prefix = prefix
         self._inner = inner
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if self._prefix:
@@ -125,13 +115,8 @@ class _PrefixedReader(io.RawIOBase):
             return data
         return self._inner.read(size)
 
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
-
-class _ZstdReader(io.RawIOBase):
+class _ZstdReader(ReadStream):
     """Streaming zstd decompression that notices truncation.
 
     Why not ZstdDecompressor.stream_reader: it ends quietly on a cut-off
@@ -144,9 +129,6 @@ class _ZstdReader(io.RawIOBase):
         self._obj = self._dctx.decompressobj()
         self._buf = bytearray()
         self._eof = False
-
-    def readable(self) -> bool:
-        return True
 
     def _fill(self) -> None:
         chunk = self._raw.read(CHUNK)
@@ -171,11 +153,6 @@ class _ZstdReader(io.RawIOBase):
         data = bytes(self._buf[:size])
         del self._buf[:size]
         return data
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
 
 def sniff_compression(head: bytes) -> str:

@@ -204,3 +204,13 @@ def normalize_name(name: str) -> str:
 
 def entry_names(data: bytes) -> list[str]:
     return [normalize_name(ti.name) for ti in read_entries(data)]
+
+
+def simple_layer(files: dict[str, bytes], whiteouts: Iterable[str] = ()) -> bytes:
+    """A layer tar of regular files (parent directories implied) and whiteouts of paths."""
+    layer = LayerTar()
+    for name, data in sorted(files.items()):
+        layer.file(name, data)
+    for path in whiteouts:
+        layer.whiteout(path)
+    return layer.bytes()

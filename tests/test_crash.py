@@ -17,12 +17,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 import layerfs
+from tarbuild import simple_layer
 from layerfs import _mountapi, digest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay mounts")
@@ -31,29 +31,8 @@ _TRACED = (os.path.dirname(layerfs.__file__), os.path.dirname(shutil.__file__) +
 POINTS_PER_OP = 150
 
 
-def _tar(files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        dirs = sorted({p.rsplit("/", 1)[0] for p in files if "/" in p})
-        for d in dirs:
-            ti = tarfile.TarInfo(d)
-            ti.type = tarfile.DIRTYPE
-            ti.mode = 0o755
-            tf.addfile(ti)
-        for name, data in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            ti.mode = 0o644
-            tf.addfile(ti, io.BytesIO(data))
-        for name in whiteouts:
-            parent, _, base = name.rpartition("/")
-            ti = tarfile.TarInfo(f"{parent}/.wh.{base}" if parent else f".wh.{base}")
-            tf.addfile(ti)
-    return buf.getvalue()
-
-
-BASE = _tar({"etc/passwd": b"root:x:0:0\n", "etc/group": b"root:x:0:\n", "bin/sh": b"#!" + b"x" * 5000})
-TOP = _tar({"etc/motd": b"hello\n", "usr/share/doc/a": b"a" * 3000, "usr/share/doc/b": b"b"}, whiteouts=("etc/group",))
+BASE = simple_layer({"etc/passwd": b"root:x:0:0\n", "etc/group": b"root:x:0:\n", "bin/sh": b"#!" + b"x" * 5000})
+TOP = simple_layer({"etc/motd": b"hello\n", "usr/share/doc/a": b"a" * 3000, "usr/share/doc/b": b"b"}, whiteouts=("etc/group",))
 
 
 def _kill_at(limit: int):
@@ -140,7 +119,7 @@ def _prepare(root: Path, tmp: Path) -> dict:
         (path / "etc" / "motd").write_text("changed\n")
         shutil.rmtree(path / "bin")
         store.unmount("victim")
-        extra = store.register(io.BytesIO(_tar({"x": b"1"})), parent=base.chain_id)
+        extra = store.register(io.BytesIO(simple_layer({"x": b"1"})), parent=base.chain_id)
     return {"base": base.chain_id, "extra": extra.chain_id, "top_tar": tmp / "top.tar"}
 
 
@@ -195,7 +174,7 @@ def _verify_gc(store, ctx, done):
     assert {ctx["base"], ctx["extra"]} <= {l.chain_id for l in store.layers()}
 
 
-CHAIN = [_tar({"a/1": b"1" * 100}), _tar({"b/2": b"2"}, whiteouts=("a/1",)), _tar({"c/3": b"3" * 5000})]
+CHAIN = [simple_layer({"a/1": b"1" * 100}), simple_layer({"b/2": b"2"}, whiteouts=("a/1",)), simple_layer({"c/3": b"3" * 5000})]
 
 
 def _register_chain(ctx):

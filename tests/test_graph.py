@@ -5,28 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tarfile
 
 import pytest
 
 import layerfs
+from tarbuild import simple_layer
 from layerfs import digest, errors
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay mounts")
-
-
-def _tar(files: dict[str, bytes], whiteouts=()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            ti.mode = 0o644
-            tf.addfile(ti, io.BytesIO(data))
-        for name in whiteouts:
-            parent, _, base = name.rpartition("/")
-            tf.addfile(tarfile.TarInfo(f"{parent}/.wh.{base}" if parent else f".wh.{base}"))
-    return buf.getvalue()
 
 
 def _diff_id(data: bytes) -> str:
@@ -34,9 +20,9 @@ def _diff_id(data: bytes) -> str:
 
 
 CHAIN = [
-    _tar({"etc/a": b"1", "etc/b": b"2", "usr/bin/x": b"x" * 4096}),
-    _tar({"etc/c": b"3"}, whiteouts=("etc/a",)),
-    _tar({"opt/app": b"app"}, whiteouts=("usr/bin/x",)),
+    simple_layer({"etc/a": b"1", "etc/b": b"2", "usr/bin/x": b"x" * 4096}),
+    simple_layer({"etc/c": b"3"}, whiteouts=("etc/a",)),
+    simple_layer({"opt/app": b"app"}, whiteouts=("usr/bin/x",)),
 ]
 
 
@@ -91,8 +77,8 @@ def test_whiteouts_that_hide_nothing_are_not_listed(tmp_path):
     # A base layer with a whiteout (nothing below it to hide) and a new
     # directory with one: overlayfs would list those names but fail to open them.
     with layerfs.open_store(tmp_path / "root") as store:
-        base = store.register(io.BytesIO(_tar({"d/keep": b"k"}, whiteouts=("d/ghost", "ghost2"))))
-        top = store.register(io.BytesIO(_tar({"new/f": b"f"}, whiteouts=("new/ghost", "d/keep"))), parent=base.chain_id)
+        base = store.register(io.BytesIO(simple_layer({"d/keep": b"k"}, whiteouts=("d/ghost", "ghost2"))))
+        top = store.register(io.BytesIO(simple_layer({"new/f": b"f"}, whiteouts=("new/ghost", "d/keep"))), parent=base.chain_id)
         root = store.mount(top.chain_id)
         try:
             assert sorted(os.listdir(root)) == ["d", "new"]

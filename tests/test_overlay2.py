@@ -8,28 +8,20 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import layerfs
+from tarbuild import simple_layer
 from layerfs import _mountapi, errors
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay and loop mounts")
 
 
 def _tar(files: dict[str, bytes]) -> io.BytesIO:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            ti.mode = 0o644
-            tf.addfile(ti, io.BytesIO(data))
-    buf.seek(0)
-    return buf
+    return io.BytesIO(simple_layer(files))
 
 
 @contextmanager

@@ -22,20 +22,18 @@ from ..errors import InvalidLayer, InvalidOption, NotFound
 from . import oci
 from .reference import ImageRef
 from .sources import ImageDestination, ImageSource
+from .._io import ReadStream
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
 
-class _Range(io.RawIOBase):
+class _Range(ReadStream):
     """A read-only window [offset, offset + size) of a file, on its own handle."""
 
     def __init__(self, path: str, offset: int, size: int):
         self._f = open(path, "rb")
         self._f.seek(offset)
         self._left = size
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         if self._left <= 0:
@@ -44,11 +42,6 @@ class _Range(io.RawIOBase):
         data = self._f.read(n)
         self._left -= len(data)
         return data
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._f.close()

@@ -18,21 +18,18 @@ Any failure leaves the store as it was.
 from __future__ import annotations
 
 import hashlib
-import io
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable
 
 import trio
 
 from .. import digest as digests
-from ..errors import DigestMismatch, InvalidLayer, InvalidOption, LayerfsError
+from ..errors import DigestMismatch, InvalidLayer, LayerfsError
 from . import oci
 from .images import Image, ImageStore, normalize_name
 from .reference import ImageRef, parse
 from .sources import ImageSource
+from .._io import ReadStream
 
 Progress = Callable[[dict], None]
 MAX_PARALLEL_DOWNLOADS = 4
@@ -61,7 +58,7 @@ def open_source(ref: ImageRef, opts: PullOptions) -> ImageSource:
     return RegistrySource(ref, tls_verify=opts.tls_verify, creds=opts.creds, authfile=opts.authfile)
 
 
-class VerifyingReader(io.RawIOBase):
+class VerifyingReader(ReadStream):
     """Reads a blob while checking its size and digest; raises DigestMismatch at the end.
 
     With *keep*, the raw bytes are also written to that file (the caller
@@ -77,9 +74,6 @@ class VerifyingReader(io.RawIOBase):
         self._keep = keep
         self.verified = False
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         data = self._inner.read(n)
         if data:
@@ -92,11 +86,6 @@ class VerifyingReader(io.RawIOBase):
         elif not self.verified and n != 0:
             self._verify()
         return data
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
     def _verify(self) -> None:
         if self._count != self._size:
@@ -233,12 +222,9 @@ async def _download_one(images, source, desc, emit, limiter) -> None:
     await trio.to_thread.run_sync(work, limiter=limiter)
 
 
-class _Counting(io.RawIOBase):
+class _Counting(ReadStream):
     def __init__(self, inner, desc, emit):
         self._inner, self._desc, self._emit, self._done, self._last = inner, desc, emit, 0, 0
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         data = self._inner.read(n)

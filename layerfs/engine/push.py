@@ -22,7 +22,7 @@ import zstandard
 
 from .. import archive
 from .. import digest as digests
-from ..errors import InvalidOption, NotFound
+from ..errors import InvalidOption
 from . import oci
 from .images import Image, ImageStore, normalize_name
 from .pull import PullOptions

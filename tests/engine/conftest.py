@@ -533,3 +533,17 @@ def fault_proxy(registry):
     proxy.registry = registry
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def images(tmp_path):
+    """An engine ImageStore on a fresh store; whatever a test left mounted is detached."""
+    import layerfs
+    from layerfs import _mountapi
+    from layerfs.engine.images import ImageStore
+
+    store = layerfs.open_store(tmp_path / "store")
+    yield ImageStore(store)
+    for point in _mountapi.mounts_under(str(tmp_path)):
+        _mountapi.umount(point, _mountapi.MNT_DETACH)
+    store.close()

@@ -23,15 +23,6 @@ from .imagebuild import config_for, expected_tree, layers, tree_of, write_layout
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay mounts")
 
 
-@pytest.fixture
-def images(tmp_path):
-    store = layerfs.open_store(tmp_path / "store")
-    yield ImageStore(store)
-    for point in _mountapi.mounts_under(str(tmp_path)):
-        _mountapi.umount(point, _mountapi.MNT_DETACH)
-    store.close()
-
-
 def _rootfs(images: ImageStore, name: str) -> dict[str, str]:
     top = images.image(name).top_chain
     root = images.store.mount(top)

@@ -16,19 +16,10 @@ from layerfs.engine.images import ImageStore
 from layerfs.engine.pull import PullOptions, pull
 from layerfs.engine.push import commit_image, push
 
-from .imagebuild import expected_tree, layers, tree_of, write_layout
+from .imagebuild import expected_tree, tree_of, write_layout
 from .test_pull_local import _rootfs, _snapshot
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for overlay mounts")
-
-
-@pytest.fixture
-def images(tmp_path):
-    store = layerfs.open_store(tmp_path / "store")
-    yield ImageStore(store)
-    for point in _mountapi.mounts_under(str(tmp_path)):
-        _mountapi.umount(point, _mountapi.MNT_DETACH)
-    store.close()
 
 
 def _seed(images, tmp_path, host: str, repo: str = "test/app:1", **push_args) -> None:
