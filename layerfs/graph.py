@@ -281,6 +281,13 @@ class LayerStore:
                 return result
         raise InUse("the layer chain kept changing under concurrent registrations; try again")
 
+    def retain(self, chain_id: str) -> Layer:
+        """Take one more reference on a layer (an engine recording another image on it)."""
+        layer = self._take_ref(self._expand_chain_id(chain_id))
+        if layer is None:
+            raise NotFound(f"layer {chain_id} does not exist; see `layerfs layer ls`")
+        return layer
+
     def _take_ref(self, chain_id: str) -> Layer | None:
         with self.db.write() as db:
             row = db.execute("SELECT * FROM layers WHERE chain_id = ?", (chain_id,)).fetchone()

@@ -129,9 +129,15 @@ class ImageStore:
 
     def tag(self, source: str, target: str) -> Image:
         image = self.image(source)
-        for chain_id in image.chain:
-            self.store._take_ref(chain_id)
-        return self.add(target, image.manifest_raw, image.manifest_type, image.config_raw, list(image.chain))
+        taken: list[str] = []
+        try:
+            for chain_id in image.chain:
+                self.store.retain(chain_id)
+                taken.append(chain_id)
+            return self.add(target, image.manifest_raw, image.manifest_type, image.config_raw, list(image.chain))
+        except BaseException:
+            self._release_chain(taken)
+            raise
 
     def remove(self, name: str) -> Image:
         """Forget an image and release its layers (a layer still used elsewhere stays)."""

@@ -101,16 +101,15 @@ class VerifyingReader(ReadStream):
 
 
 def _read_verified(source: ImageSource, desc: oci.Descriptor, what: str, limit: int = 16 << 20) -> bytes:
+    """A small blob (a config) read whole and verified."""
     if desc.size > limit:
         raise InvalidLayer(f"{what} {desc.digest} claims {desc.size} bytes; refusing more than {limit}")
+    chunks = []
     with source.open_blob(desc.digest, desc.size) as f:
         reader = VerifyingReader(f, desc.digest, desc.size)
-        data = reader.read(desc.size + 1)
-        while reader.read(1 << 16):
-            pass
-        if not reader.verified:
-            reader.read()
-    return data
+        while chunk := reader.read(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def resolve(source: ImageSource, ref: ImageRef, platform: str) -> tuple[bytes, str, oci.Manifest]:

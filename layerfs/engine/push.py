@@ -225,9 +225,11 @@ def commit_image(images: ImageStore, container: str, image_name: str, *, message
         layer = store.register(str(tar_path), parent=ctr.parent, expected_diff_id=diff_id)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    taken = [layer.chain_id]  # register gave the new layer its reference
     try:
         for chain_id in chain:
-            store._take_ref(chain_id)
+            store.retain(chain_id)
+            taken.insert(len(taken) - 1, chain_id)
         chain.append(layer.chain_id)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config = copy.deepcopy(config)
@@ -248,7 +250,7 @@ def commit_image(images: ImageStore, container: str, image_name: str, *, message
         })
         return images.add(image_name, manifest_raw, manifest_type, config_raw, chain)
     except BaseException:
-        for chain_id in reversed(chain):
+        for chain_id in reversed(taken):
             store.release(chain_id)
         raise
 

@@ -178,11 +178,12 @@ def test_a_layer_with_path_traversal_is_refused(images, tmp_path):
     assert not Path("/etc/evil").exists()
 
 
-@pytest.mark.parametrize("transport", ["oci", "oci-archive", "docker-archive"])
-@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+# docker-archive layers are always written uncompressed: one compression is enough there.
+@pytest.mark.parametrize(
+    "transport, compression",
+    [("oci", "gzip"), ("oci", "zstd"), ("oci-archive", "gzip"), ("oci-archive", "zstd"), ("docker-archive", "gzip")],
+)
 def test_commit_push_pull_round_trip(images, tmp_path, transport, compression):
-    if transport == "docker-archive" and compression == "zstd":
-        pytest.skip("docker-archive layers are always written uncompressed")
     built = write_layout(tmp_path / "layout")
     pull(images, f"oci:{built.layout}:v1", "base:1")
     store = images.store
