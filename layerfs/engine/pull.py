@@ -170,6 +170,8 @@ def pull(
         for i, desc in enumerate(manifest.layers):
             sources.append((_opener(images, source, desc, remote, emit), diff_ids[i]))
         layers = images.store.register_chain(sources, parallel=opts.parallel)
+        for i in range(first_missing, len(chain)):
+            emit({"event": "layer", "digest": manifest.layers[i].digest, "status": "done", "total": manifest.layers[i].size})
         try:
             if remote:
                 images.content.put_bytes(config_raw)
