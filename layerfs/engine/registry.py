@@ -24,14 +24,11 @@ one-line message that names the host, repository and digest involved.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import io
-import ipaddress
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -42,7 +39,18 @@ import httpx
 from .. import digest as digests
 from ..errors import DigestMismatch, InvalidLayer, InvalidOption, LayerfsError, NotFound, RegistryError
 from . import oci
-from .reference import DEFAULT_REGISTRY, ImageRef
+from .reference import ImageRef
+from .registry_auth import (  # re-exported: the transport's public helpers
+    DOCKER_HUB_API,
+    HOST_RE,
+    describe_error,
+    credentials_from_authfile,
+    error_codes,
+    error_detail,
+    is_local_host,
+    parse_challenges,
+    parse_creds,
+)
 from .sources import ImageDestination, ImageSource
 
 CHUNK = 1 << 20
@@ -53,193 +61,7 @@ RESUME_ATTEMPTS = 2  # a dropped blob download is resumed (Range) this many time
 STATUS_RETRIES = 2  # GET/HEAD answered 429/502/503/504 are retried this many times
 USER_AGENT = "layerfs/0.1 (+httpx)"
 
-DOCKER_HUB_API = "registry-1.docker.io"
-_DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 _RETRY_STATUS = (429, 502, 503, 504)
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_PARAM_RE = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))')
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _hostname(host: str) -> str:
-    """The name part of host[:port] (brackets of an IPv6 literal removed)."""
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def is_local_host(host: str) -> bool:
-    """127.0.0.0/8, ::1, localhost: hosts plain HTTP is allowed for without --tls-verify=false."""
-    name = _hostname(host).lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason for a transport exception (httpx often wraps an OSError)."""
-    text = str(exc)
-    cause = exc.__cause__ or exc.__context__
-    while not text and cause is not None:
-        text = str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return _one_line(text or type(exc).__name__, 200)
-
-
-def parse_creds(creds: str) -> tuple[str, str]:
-    user, sep, password = creds.partition(":")
-    if not sep or not user:
-        raise InvalidOption("--creds must be USER:PASS (a user name, a colon, the password)")
-    return user, password
-
-
-def parse_challenges(values: list[str]) -> list[tuple[str, dict[str, str]]]:
-    """``WWW-Authenticate`` headers -> [(scheme lowercased, {param: value})]."""
-    out = []
-    for value in values:
-        scheme, _, rest = value.strip().partition(" ")
-        if not scheme:
-            continue
-        params = {}
-        for m in _PARAM_RE.finditer(rest):
-            raw = m.group(2) if m.group(2) is not None else m.group(3)
-            params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", raw)
-        out.append((scheme.lower(), params))
-    return out
-
-
-def error_detail(body: bytes) -> str:
-    """A registry's JSON error body ({"errors": [{"code", "message", "detail"}]}) as one short line."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    errors = doc.get("errors") if isinstance(doc, dict) else None
-    if not isinstance(errors, list):
-        return ""
-    parts = []
-    for e in errors[:3]:
-        if not isinstance(e, dict):
-            continue
-        text = ": ".join(str(e[k]) for k in ("code", "message") if e.get(k))
-        detail = e.get("detail")
-        if isinstance(detail, str) and detail:
-            text += f" ({detail})"
-        elif isinstance(detail, dict) and detail:
-            text += " (" + ", ".join(f"{k}={v}" for k, v in list(detail.items())[:3] if isinstance(v, (str, int))) + ")"
-        if text:
-            parts.append(text)
-    return _one_line("; ".join(parts), 240)
-
-
-def error_codes(body: bytes) -> set[str]:
-    try:
-        doc = json.loads(body)
-        return {str(e.get("code")) for e in doc.get("errors", []) if isinstance(e, dict)}
-    except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
-        return set()
-
-
-# -------------------------------------------------------------- credentials
-
-
-def default_authfiles() -> list[Path]:
-    """Where credentials are looked for, first match wins (as podman/skopeo and docker do)."""
-    out = []
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        out.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        out.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
-    out.append(Path(os.path.expanduser("~")) / ".docker" / "config.json")
-    return out
-
-
-def _normalize_auth_key(key: str) -> str:
-    key = key.strip()
-    for prefix in ("https://", "http://"):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    key = key.rstrip("/")
-    if key.endswith("/v1") or key.endswith("/v2"):
-        key = key[:-3]
-    first, slash, rest = key.partition("/")
-    if first in _DOCKER_HUB_NAMES:
-        first = DEFAULT_REGISTRY
-    return first + slash + rest
-
-
-def _decode_entry(entry, key: str, path: Path) -> tuple[str, str] | None:
-    if not isinstance(entry, dict):
-        return None
-    auth = entry.get("auth")
-    if isinstance(auth, str) and auth:
-        try:
-            text = base64.b64decode(auth, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise InvalidOption(f"auth file {path}: the entry for {key} is not base64 of USER:PASS; log in again or fix it") from None
-        user, sep, password = text.partition(":")
-        if not sep or not user:
-            raise InvalidOption(f"auth file {path}: the entry for {key} is not base64 of USER:PASS; log in again or fix it")
-        return user, password
-    if isinstance(entry.get("username"), str) and entry.get("username") and isinstance(entry.get("password"), str):
-        return entry["username"], entry["password"]
-    return None  # e.g. an entry of a credential helper ({}): not ours to read
-
-
-def credentials_from_authfile(host: str, repository: str = "", authfile: str | os.PathLike | None = None) -> tuple[str, str] | None:
-    """USER, PASS for *host* (and *repository*, most specific key first) from an auth.json, or None.
-
-    *authfile* None searches :func:`default_authfiles`; a given file must exist.
-    """
-    if authfile is not None:
-        paths = [Path(authfile)]
-        if not paths[0].is_file():
-            raise InvalidOption(f"auth file {authfile} does not exist; pass an existing --authfile or --creds USER:PASS")
-    else:
-        paths = default_authfiles()
-    host_key = _normalize_auth_key(host)
-    wanted = []
-    if repository:
-        parts = repository.split("/")
-        wanted += [f"{host_key}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)]
-    wanted.append(host_key)
-    for path in paths:
-        try:
-            text = path.read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as e:
-            raise InvalidOption(f"cannot read auth file {path}: {e.strerror}; fix its permissions or pass --creds USER:PASS") from None
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise InvalidOption(f"auth file {path} is not JSON; fix or remove it, or pass --creds USER:PASS") from None
-        auths = doc.get("auths") if isinstance(doc, dict) else None
-        if not isinstance(auths, dict):
-            continue
-        by_key = {}
-        for key, entry in auths.items():
-            by_key.setdefault(_normalize_auth_key(str(key)), (key, entry))
-        for want in wanted:
-            if want in by_key:
-                key, entry = by_key[want]
-                found = _decode_entry(entry, key, path)
-                if found:
-                    return found
-    return None
-
-
-# ------------------------------------------------------------------- client
 
 
 class RegistryClient:
@@ -256,7 +78,7 @@ class RegistryClient:
         connect_timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ):
-        if not host or not _HOST_RE.match(host):
+        if not host or not HOST_RE.match(host):
             raise InvalidOption(f"registry host {host!r} is not HOST[:PORT]")
         self.host = host
         self.api_host = DOCKER_HUB_API if host in ("docker.io", "index.docker.io") else host
@@ -315,7 +137,7 @@ class RegistryClient:
                 return base
             except httpx.TransportError as e:
                 first_error = first_error or e
-        raise RegistryError(f"cannot reach registry {self.host}: {_reason(first_error)}")
+        raise RegistryError(f"cannot reach registry {self.host}: {describe_error(first_error)}")
 
     def _url(self, repo: str, tail: str) -> str:
         return f"{self.base_url}/v2/{repo}/{tail}"
@@ -357,7 +179,7 @@ class RegistryClient:
         try:
             resp = self._client.get(realm, params=params, auth=httpx.BasicAuth(*creds) if creds else None, follow_redirects=True)
         except httpx.TransportError as e:
-            raise RegistryError(f"cannot reach the token server {realm} of {where}: {_reason(e)}") from None
+            raise RegistryError(f"cannot reach the token server {realm} of {where}: {describe_error(e)}") from None
         except httpx.InvalidURL:
             raise RegistryError(f"registry {self.host} names an invalid token realm {realm!r}") from None
         self.token_requests += 1
@@ -436,11 +258,11 @@ class RegistryClient:
                 resp = self._client.send(request, stream=stream, follow_redirects=follow_redirects)
             except httpx.ConnectError as e:
                 hint = "; use --tls-verify=false for a registry without a trusted certificate" if "CERTIFICATE_VERIFY_FAILED" in str(e) else ""
-                raise RegistryError(f"cannot reach registry {self.host}: {_reason(e)}{hint}") from None
+                raise RegistryError(f"cannot reach registry {self.host}: {describe_error(e)}{hint}") from None
             except httpx.TimeoutException as e:
                 raise RegistryError(f"registry {self.host} timed out on {method} {url} ({type(e).__name__})") from None
             except httpx.TransportError as e:
-                raise RegistryError(f"connection to registry {self.host} failed on {method} {url}: {_reason(e)}") from None
+                raise RegistryError(f"connection to registry {self.host} failed on {method} {url}: {describe_error(e)}") from None
             except httpx.InvalidURL as e:
                 raise RegistryError(f"registry {self.host} gave an invalid URL {url!r}: {e}") from None
             if resp.status_code == 401 and own:
@@ -514,7 +336,7 @@ class RegistryClient:
         try:
             resp = self._client.get(self.base_url + "/v2/")
         except httpx.TransportError as e:
-            raise RegistryError(f"cannot reach registry {self.host}: {_reason(e)}") from None
+            raise RegistryError(f"cannot reach registry {self.host}: {describe_error(e)}") from None
         if resp.status_code not in (200, 401):
             raise RegistryError(f"{self.host} is not a registry: GET /v2/ answered HTTP {resp.status_code}")
 
@@ -539,7 +361,7 @@ class RegistryClient:
                     if len(raw) > MAX_MANIFEST:
                         raise InvalidLayer(f"manifest {repo}:{reference} on {self.host} is larger than the {MAX_MANIFEST} bytes a manifest may have")
             except httpx.TransportError as e:
-                raise RegistryError(f"connection to registry {self.host} dropped while reading manifest {repo}:{reference}: {_reason(e)}") from None
+                raise RegistryError(f"connection to registry {self.host} dropped while reading manifest {repo}:{reference}: {describe_error(e)}") from None
             raw = bytes(raw)
         finally:
             resp.close()
@@ -795,7 +617,7 @@ class _BlobReader(io.RawIOBase):
                     continue
                 raise RegistryError(
                     f"connection to registry {self._client.host} dropped while reading blob {self._digest} from {self._repo} "
-                    f"after {self._pos} bytes ({_reason(e)}); retry the command"
+                    f"after {self._pos} bytes ({describe_error(e)}); retry the command"
                 ) from None
             if self._skip:
                 drop = min(self._skip, len(chunk))
