@@ -36,6 +36,7 @@ APT_PACKAGES=(busybox-static xfsprogs e2fsprogs tar kmod util-linux fuse3
 # (the test token server's signing key).
 APT_PACKAGES+=(docker-registry apache2-utils openssl)
 APT_PACKAGES+=(strace skopeo umoci)  # kill-point tests; images written by clients we did not write
+APT_PACKAGES+=(libfuse3-dev pkg-config)  # pip builds pyfuse3 (the aufs driver) from source against libfuse3
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]

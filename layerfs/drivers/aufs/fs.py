@@ -1,0 +1,742 @@
+"""The union served over FUSE: pyfuse3 operations on a :class:`~.union.Union`.
+
+Inodes.  Each visible entry gets a FUSE inode number from a table kept for
+the life of the mount: a node per (directory node, name) once looked up, so
+a path keeps its number across copy-up, and names that are hardlinks of one
+file in one branch (same branch, same backing inode) share a node.  Nodes
+are forgotten only when they have no name left and the kernel no longer
+knows them.  Paths are computed from a node's (parent, name) link, so
+renaming a directory moves its whole subtree at once.
+
+Every handler runs to completion without awaiting: with trio that makes each
+request atomic, so the table, the union's caches and the upper branch are
+never seen half-changed by another request.
+
+Caching.  Everything that changes the union goes through this daemon and so
+through the kernel, which keeps its dentry/attribute caches right; entries
+and attributes are given long timeouts (longest on read-only views), open
+files keep their page cache unless the file is open for writing somewhere,
+and a directory's listing is read once per opendir.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Callable
+
+import pyfuse3
+from pyfuse3 import ROOT_INODE, EntryAttributes, FileInfo, FUSEError
+
+from ... import whiteout
+from .union import OPQ, Union, WritableUnion
+
+log = logging.getLogger("layerfs.aufs")
+
+TTL_WRITABLE = 60.0
+TTL_READONLY = 3600.0
+_PASS_FLAGS = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
+
+
+class Node:
+    __slots__ = ("ino", "is_dir", "links", "children", "lookups", "branch", "key", "hidden", "opens", "writers")
+
+    def __init__(self, ino: int, is_dir: bool, branch: int):
+        self.ino = ino
+        self.is_dir = is_dir
+        self.links: set[tuple[int, str]] = set()  # (parent ino, name); one for a directory
+        self.children: dict[str, int] | None = {} if is_dir else None
+        self.lookups = 0
+        self.branch = branch  # the branch holding the entry (non-directories)
+        self.key: tuple[int, int] | None = None  # (branch, backing ino) of a hardlinked file
+        self.hidden = 0  # names of a lower hardlinked file this mount has deleted
+        self.opens = 0
+        self.writers = 0
+
+
+class Handle:
+    __slots__ = ("fd", "node", "branch", "write")
+
+    def __init__(self, fd: int, node: Node, branch: int, write: bool):
+        self.fd, self.node, self.branch, self.write = fd, node, branch, write
+
+
+def _errors(fn: Callable) -> Callable:
+    """OSError -> FUSEError with its errno; anything else is logged and becomes EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class UnionOps(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, branches: list[str], writable: bool):
+        super().__init__()
+        self.writable = writable
+        self.u: Union = WritableUnion(branches) if writable else Union(branches)
+        self.ttl = TTL_WRITABLE if writable else TTL_READONLY
+        root = Node(ROOT_INODE, True, self.u.dir_stack("")[0])
+        root.lookups = 1 << 40
+        self.nodes: dict[int, Node] = {ROOT_INODE: root}
+        self.by_key: dict[tuple[int, int], int] = {}
+        self.next_ino = ROOT_INODE + 1
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, tuple[Node, str, list[tuple[str, int]]]] = {}
+        self.next_fh = 1
+
+    # -- the node table ----------------------------------------------------------
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        return node
+
+    def _path(self, node: Node) -> str:
+        parts = []
+        while node.ino != ROOT_INODE:
+            if not node.links:
+                raise FUSEError(errno.ENOENT)
+            pino, name = next(iter(node.links))
+            parts.append(name)
+            node = self.nodes[pino]
+        if not parts:
+            return ""
+        parts.reverse()
+        return "/" + "/".join(parts)
+
+    def _node_for(self, parent: Node, name: str, branch: int, st: os.stat_result) -> Node:
+        """The node of parent/name, made if new (hardlinks of one branch share one)."""
+        is_dir = stat.S_ISDIR(st.st_mode)
+        ino = parent.children.get(name)
+        if ino is not None:
+            node = self.nodes.get(ino)
+            if node is not None and node.is_dir == is_dir:
+                node.branch = branch
+                return node
+            parent.children.pop(name, None)
+            if node is not None:
+                node.links.discard((parent.ino, name))
+        key = None
+        if not is_dir and st.st_nlink > 1:
+            key = (branch, st.st_ino)
+            other = self.nodes.get(self.by_key.get(key, 0))
+            if other is not None and other.key == key:
+                other.links.add((parent.ino, name))
+                parent.children[name] = other.ino
+                other.branch = branch
+                return other
+        node = Node(self.next_ino, is_dir, branch)
+        self.next_ino += 1
+        self.nodes[node.ino] = node
+        node.links.add((parent.ino, name))
+        parent.children[name] = node.ino
+        if key is not None:
+            node.key = key
+            self.by_key[key] = node.ino
+        return node
+
+    def _set_key(self, node: Node, st: os.stat_result) -> None:
+        if node.key is not None and self.by_key.get(node.key) == node.ino:
+            del self.by_key[node.key]
+        node.key = None
+        if not node.is_dir and st.st_nlink > 1:
+            node.key = (node.branch, st.st_ino)
+            self.by_key[node.key] = node.ino
+
+    def _unlink_node(self, parent: Node, name: str) -> Node | None:
+        ino = parent.children.pop(name, None)
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is None:
+            return None
+        node.links.discard((parent.ino, name))
+        self._maybe_drop(node)
+        return node
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.ino == ROOT_INODE or node.links or node.lookups > 0 or node.opens > 0:
+            return
+        del self.nodes[node.ino]
+        if node.key is not None and self.by_key.get(node.key) == node.ino:
+            del self.by_key[node.key]
+
+    # -- attributes ----------------------------------------------------------------
+    def _attr(self, node: Node, st: os.stat_result, merged: bool = False) -> EntryAttributes:
+        a = EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.ttl
+        a.attr_timeout = self.ttl
+        a.st_mode = st.st_mode
+        if node.is_dir:
+            # as overlayfs: a merged directory's link count is unknown (1)
+            a.st_nlink = 1 if merged else st.st_nlink
+        else:
+            a.st_nlink = max(1, st.st_nlink - node.hidden)
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _open_fd(self, node: Node) -> int | None:
+        for h in self.handles.values():
+            if h.node is node:
+                return h.fd
+        return None
+
+    def _stat(self, node: Node) -> tuple[os.stat_result, bool]:
+        if node.is_dir:
+            rel = self._path(node)
+            stack = self.u.dir_stack(rel)
+            if not stack:
+                raise FUSEError(errno.ENOENT)
+            return os.lstat(self.u.branches[stack[0]] + rel or "/"), len(stack) > 1
+        if not node.links:
+            fd = self._open_fd(node)
+            if fd is None:
+                raise FUSEError(errno.ENOENT)
+            return os.fstat(fd), False
+        rel = self._path(node)
+        try:
+            return os.lstat(self.u.branches[node.branch] + rel), False
+        except FileNotFoundError:
+            parent, _, name = rel.rpartition("/")
+            found = self.u.lookup(parent, name)
+            if found is None:
+                raise FUSEError(errno.ENOENT) from None
+            node.branch = found[0]
+            return found[1], False
+
+    def _real(self, node: Node) -> str:
+        if node.is_dir:
+            rel = self._path(node)
+            stack = self.u.dir_stack(rel)
+            if not stack:
+                raise FUSEError(errno.ENOENT)
+            return self.u.branches[stack[0]] + rel or "/"
+        self._stat(node)  # re-resolves the branch if needed
+        return self.u.branches[node.branch] + self._path(node)
+
+    # -- writing helpers -----------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _new_name(name: bytes) -> str:
+        n = os.fsdecode(name)
+        if whiteout.is_reserved_name(n):
+            raise FUSEError(errno.EPERM)  # .wh.* names are the union's own
+        return n
+
+    def _copy_up(self, node: Node) -> str:
+        """Bring *node* into the upper branch (a directory, or a file with all its visible hardlinks)."""
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        rel = self._path(node)
+        if node.is_dir:
+            u.copy_up_dir(rel)
+            return rel
+        self._stat(node)
+        if node.branch == 0:
+            return rel
+        old = node.branch
+        old_st = os.lstat(u.branches[old] + rel)
+        new_st = u.copy_up_file(rel, old)
+        if old_st.st_nlink > 1:
+            for other in u.hardlink_names(old, old_st.st_ino):
+                if other == rel:
+                    continue
+                oparent, _, oname = other.rpartition("/")
+                found = u.lookup(oparent, oname)
+                if found is None or found[0] != old or found[1].st_ino != old_st.st_ino:
+                    continue  # that name is hidden or replaced in the union
+                u.copy_up_dir(oparent)
+                with u.keep_times(oparent):
+                    os.link(u.upper + rel, u.upper + other)
+            new_st = os.lstat(u.upper + rel)
+        node.branch = 0
+        node.hidden = 0
+        self._set_key(node, new_st)
+        return rel
+
+    def _own(self, path: str, parent_rel: str, ctx, mode: int | None) -> None:
+        """New entries belong to the caller (the group of a setgid directory)."""
+        pst = os.lstat(self.u.branches[0] + parent_rel or "/")
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
+        os.lchown(path, ctx.uid, gid)
+        if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(mode))  # chown cleared them
+
+    def _new_entry(self, parent: Node, name: str, st: os.stat_result) -> EntryAttributes:
+        node = self._node_for(parent, name, 0, st)
+        node.lookups += 1
+        self._set_key(node, st)
+        return self._attr(node, st)
+
+    # -- lookups and attributes ---------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if name in (b".", b".."):
+            node = parent
+            if name == b".." and parent.ino != ROOT_INODE:
+                node = self._node(next(iter(parent.links))[0])
+            st, merged = self._stat(node)
+            node.lookups += 1
+            return self._attr(node, st, merged)
+        n = os.fsdecode(name)
+        prel = self._path(parent)
+        found = self.u.lookup(prel, n)
+        if found is None:
+            neg = EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.ttl
+            return neg
+        branch, st = found
+        node = self._node_for(parent, n, branch, st)
+        node.lookups += 1
+        merged = node.is_dir and self.u.is_merged(prel + "/" + n)
+        return self._attr(node, st, merged)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            node = self.nodes.get(ino)
+            if node is None:
+                continue
+            node.lookups -= count
+            if node.lookups <= 0:
+                node.lookups = 0
+                self._maybe_drop(node)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        node = self._node(inode)
+        st, merged = self._stat(node)
+        return self._attr(node, st, merged)
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._check_writable()
+        node = self._node(inode)
+        if node.links or node.is_dir or node.ino == ROOT_INODE:
+            rel = self._copy_up(node)
+            target: str | int = self.u.branches[0] + rel or "/"
+        else:  # unlinked but still open: its upper file through the descriptor
+            fd = self._open_fd(node)
+            if fd is None:
+                raise FUSEError(errno.ENOENT)
+            target = fd
+        is_fd = isinstance(target, int)
+        if fields.update_size:
+            if is_fd:
+                os.ftruncate(target, attr.st_size)
+            else:
+                os.truncate(target, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if is_fd:
+                os.fchown(target, uid, gid)
+            else:
+                os.lchown(target, uid, gid)
+        if fields.update_mode:
+            cur = os.fstat(target) if is_fd else os.lstat(target)
+            if not stat.S_ISLNK(cur.st_mode):
+                os.chmod(target, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            cur = os.fstat(target) if is_fd else os.lstat(target)
+            atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+            if is_fd:
+                os.utime(target, ns=(atime, mtime))
+            else:
+                os.utime(target, ns=(atime, mtime), follow_symlinks=False)
+        st, merged = self._stat(node)
+        return self._attr(node, st, merged)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        return os.readlink(os.fsencode(self._real(node)))
+
+    @_errors
+    async def statfs(self, ctx):
+        s = os.statvfs(self.u.branches[0])
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, attr, getattr(s, attr))
+        out.f_namemax = s.f_namemax
+        return out
+
+    # -- creating ------------------------------------------------------------------------
+    def _prepare_create(self, parent_inode, name) -> tuple[Node, str, str, str]:
+        self._check_writable()
+        n = self._new_name(name)
+        parent = self._node(parent_inode)
+        prel = self._path(parent)
+        if self.u.lookup(prel, n) is not None:
+            raise FUSEError(errno.EEXIST)
+        self.u.copy_up_dir(prel)  # type: ignore[attr-defined]
+        rel = prel + "/" + n
+        return parent, n, prel, rel
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent, n, prel, rel = self._prepare_create(parent_inode, name)
+        path = self.u.branches[0] + rel
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | (flags & (os.O_SYNC | os.O_DSYNC)),
+                     stat.S_IMODE(mode))
+        try:
+            self._own(path, prel, ctx, mode)
+            self.u.drop_whiteout(prel, n)  # type: ignore[attr-defined]
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        attr = self._new_entry(parent, n, st)
+        node = self.nodes[attr.st_ino]
+        fh = self._add_handle(fd, node, write=True)
+        return FileInfo(fh=fh), attr
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent, n, prel, rel = self._prepare_create(parent_inode, name)
+        path = self.u.branches[0] + rel
+        os.mknod(path, mode, rdev)
+        self._own(path, prel, ctx, mode)
+        self.u.drop_whiteout(prel, n)  # type: ignore[attr-defined]
+        return self._new_entry(parent, n, os.lstat(path))
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent, n, prel, rel = self._prepare_create(parent_inode, name)
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        path = u.upper + rel
+        below = u.lower_lookup(prel, n)
+        os.mkdir(path, stat.S_IMODE(mode))
+        if below is not None:
+            u.make_opaque(rel)  # rmdir + mkdir of a lower directory: its old content stays hidden
+        self._own(path, prel, ctx, None)
+        u.drop_whiteout(prel, n)
+        u.forget(rel)
+        u.set_stack(rel, [0])
+        return self._new_entry(parent, n, os.lstat(path))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent, n, prel, rel = self._prepare_create(parent_inode, name)
+        path = self.u.branches[0] + rel
+        os.symlink(target, os.fsencode(path))
+        self._own(path, prel, ctx, None)
+        self.u.drop_whiteout(prel, n)  # type: ignore[attr-defined]
+        return self._new_entry(parent, n, os.lstat(path))
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise FUSEError(errno.EPERM)
+        new_parent, n, nprel, nrel = self._prepare_create(new_parent_inode, new_name)
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        rel = self._copy_up(node)
+        os.link(u.upper + rel, u.upper + nrel, follow_symlinks=False)
+        u.drop_whiteout(nprel, n)
+        st = os.lstat(u.upper + nrel)
+        node.links.add((new_parent.ino, n))
+        new_parent.children[n] = node.ino
+        node.branch = 0
+        self._set_key(node, st)
+        node.lookups += 1
+        return self._attr(node, st)
+
+    # -- removing and renaming --------------------------------------------------------------
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self._check_writable()
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        parent = self._node(parent_inode)
+        n = os.fsdecode(name)
+        prel = self._path(parent)
+        found = u.lookup(prel, n)
+        if found is None:
+            raise FUSEError(errno.ENOENT)
+        branch, st = found
+        if stat.S_ISDIR(st.st_mode):
+            raise FUSEError(errno.EISDIR)
+        rel = prel + "/" + n
+        if u.lower_lookup(prel, n) is not None:
+            u.whiteout(prel, n)  # first: a crash leaves the entry, never the lower one
+        if branch == 0:
+            os.unlink(u.upper + rel)
+        node = self._unlink_node(parent, n)
+        if node is not None and branch != 0:
+            node.hidden += 1
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self._check_writable()
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        parent = self._node(parent_inode)
+        n = os.fsdecode(name)
+        prel = self._path(parent)
+        found = u.lookup(prel, n)
+        if found is None:
+            raise FUSEError(errno.ENOENT)
+        if not stat.S_ISDIR(found[1].st_mode):
+            raise FUSEError(errno.ENOTDIR)
+        rel = prel + "/" + n
+        if u.entries(rel):
+            raise FUSEError(errno.ENOTEMPTY)
+        stack = u.dir_stack(rel)
+        if u.lower_lookup(prel, n) is not None:
+            u.whiteout(prel, n)
+        if stack and stack[0] == 0:
+            u.clear_reserved(rel)
+            os.rmdir(u.upper + rel)
+        u.forget(rel)
+        self._unlink_node(parent, n)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._check_writable()
+        u: WritableUnion = self.u  # type: ignore[assignment]
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)  # not supported by this union
+        on = os.fsdecode(name_old)
+        nn = self._new_name(name_new)
+        oparent = self._node(parent_inode_old)
+        nparent = self._node(parent_inode_new)
+        oprel, nprel = self._path(oparent), self._path(nparent)
+        orel, nrel = oprel + "/" + on, nprel + "/" + nn
+        src = u.lookup(oprel, on)
+        if src is None:
+            raise FUSEError(errno.ENOENT)
+        sbranch, sst = src
+        is_dir = stat.S_ISDIR(sst.st_mode)
+        dst = u.lookup(nprel, nn)
+        if dst is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FUSEError(errno.EEXIST)
+            dbranch, dst_st = dst
+            if dbranch == sbranch and dst_st.st_ino == sst.st_ino and dst_st.st_dev == sst.st_dev:
+                return  # two names of one file: nothing to do (POSIX)
+            if is_dir and not stat.S_ISDIR(dst_st.st_mode):
+                raise FUSEError(errno.ENOTDIR)
+            if not is_dir and stat.S_ISDIR(dst_st.st_mode):
+                raise FUSEError(errno.EISDIR)
+            if stat.S_ISDIR(dst_st.st_mode) and u.entries(nrel):
+                raise FUSEError(errno.ENOTEMPTY)
+        if is_dir and any(i != 0 for i in u.dir_stack(orel)):
+            # A directory with lower content: as overlayfs without redirect_dir,
+            # the caller (mv) falls back to copying and deleting.
+            raise FUSEError(errno.EXDEV)
+        snode = self._node_for(oparent, on, sbranch, sst)
+        if not is_dir:
+            self._copy_up(snode)
+        u.copy_up_dir(nprel)
+        below_dst = u.lower_lookup(nprel, nn)
+        if dst is not None and dst[0] == 0 and stat.S_ISDIR(dst[1].st_mode):
+            u.clear_reserved(nrel)
+        if is_dir and below_dst is not None and stat.S_ISDIR(below_dst[1].st_mode):
+            if not os.path.lexists(u.upper + orel + "/" + OPQ):
+                u.make_opaque(orel)  # the moved directory must not merge with the lower one
+        if u.lower_lookup(oprel, on) is not None:
+            u.whiteout(oprel, on)
+        os.rename(u.upper + orel, u.upper + nrel)
+        u.drop_whiteout(nprel, nn)
+        if is_dir:
+            u.forget(orel)
+            u.forget(nrel)
+            u.set_stack(nrel, [0])
+        if dst is not None:
+            dnode = self._unlink_node(nparent, nn)
+            if dnode is not None and dst[0] != 0:
+                dnode.hidden += 1
+        snode.links.discard((oparent.ino, on))
+        oparent.children.pop(on, None)
+        snode.links.add((nparent.ino, nn))
+        nparent.children[nn] = snode.ino
+        snode.branch = 0
+
+    # -- files ------------------------------------------------------------------------------
+    def _add_handle(self, fd: int, node: Node, write: bool) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(fd, node, node.branch, write)
+        node.opens += 1
+        if write:
+            node.writers += 1
+        return fh
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if write:
+            self._check_writable()
+            self._copy_up(node)
+        real = self._real(node)
+        oflags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        oflags |= flags & _PASS_FLAGS
+        fd = os.open(real, oflags)
+        keep = not write and node.writers == 0
+        fh = self._add_handle(fd, node, write)
+        return FileInfo(fh=fh, keep_cache=keep)
+
+    @_errors
+    async def read(self, fh, off, size):
+        h = self.handles[fh]
+        if h.branch != h.node.branch and h.node.links:
+            # copied up since it was opened: read the copy, which may have changed
+            fd = os.open(self._real(h.node), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            os.close(h.fd)
+            h.fd, h.branch = fd, h.node.branch
+        return os.pread(h.fd, size, off)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        view = memoryview(buf)
+        total = 0
+        while total < len(view):
+            total += os.pwrite(h.fd, view[total:], off + total)
+        return total
+
+    async def flush(self, fh):
+        return None
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        h = self.handles[fh]
+        if datasync:
+            os.fdatasync(h.fd)
+        else:
+            os.fsync(h.fd)
+
+    @_errors
+    async def release(self, fh):
+        h = self.handles.pop(fh)
+        os.close(h.fd)
+        h.node.opens -= 1
+        if h.write:
+            h.node.writers -= 1
+        self._maybe_drop(h.node)
+
+    # -- directories ------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        rel = self._path(node)
+        entries = sorted(self.u.entries(rel).items())
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirs[fh] = (node, rel, entries)
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        node, rel, entries = self.dirs[fh]
+        pos = start_id
+        if pos == 0:
+            st, merged = self._stat(node)
+            if not pyfuse3.readdir_reply(token, b".", self._attr(node, st, merged), 1):
+                return
+            pos = 1
+        if pos == 1:
+            pnode = node if node.ino == ROOT_INODE else self._node(next(iter(node.links))[0])
+            st, merged = self._stat(pnode)
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(pnode, st, merged), 2):
+                return
+            pos = 2
+        for i in range(pos - 2, len(entries)):
+            name, branch = entries[i]
+            child = rel + "/" + name
+            try:
+                st = os.lstat(self.u.branches[branch] + child)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            cnode = self._node_for(node, name, branch, st)
+            merged = cnode.is_dir and self.u.is_merged(child)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(cnode, st, merged), i + 3):
+                return
+            cnode.lookups += 1
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        if not self.writable:
+            return
+        node, rel, _ = self.dirs[fh]
+        path = self.u.branches[0] + rel or "/"
+        if os.path.isdir(path):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- xattrs -----------------------------------------------------------------------------
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return os.getxattr(self._real(self._node(inode)), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        try:
+            names = os.listxattr(self._real(self._node(inode)), follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return []
+            raise
+        return [os.fsencode(n) for n in names]
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        self._check_writable()
+        node = self._node(inode)
+        rel = self._copy_up(node)
+        os.setxattr(self.u.branches[0] + rel or "/", name, value, follow_symlinks=False)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        self._check_writable()
+        node = self._node(inode)
+        # not present: fail before copying anything up
+        try:
+            os.getxattr(self._real(node), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        rel = self._copy_up(node)
+        os.removexattr(self.u.branches[0] + rel or "/", name, follow_symlinks=False)
