@@ -5,11 +5,12 @@ To add one: write a module with ``suite(ctx)`` (build fixtures, ``yield`` one
 and list it here. Suites run in this order unless ``--suite`` picks some.
 """
 
-from . import changes, mount, open_store, register
+from . import changes, mount, open_store, pull, register
 
 SUITES = {
     "register": register.suite,
     "mount": mount.suite,
     "changes": changes.suite,
     "open_store": open_store.suite,
+    "pull": pull.suite,
 }
