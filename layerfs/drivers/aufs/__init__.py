@@ -169,7 +169,15 @@ class AufsDriver(Driver):
             if exc.errno == errno.ENOTCONN:
                 return "dead"
             raise
-        return "alive" if st.st_dev != parent.st_dev else "none"
+        if st.st_dev == parent.st_dev:
+            return "none"
+        try:
+            os.statvfs(merged)  # never cached by the kernel: the daemon answers or the mount is dead
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                return "dead"
+            raise
+        return "alive"
 
     def is_mounted(self, id: str) -> bool:
         state = self._state(id)

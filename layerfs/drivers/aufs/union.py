@@ -38,19 +38,19 @@ COPYUP_PREFIX = whiteout.AUFS_META_PREFIX + "copyup."
 _CHUNK = 1 << 20
 
 
-def _lexists(path: str) -> bool:
-    try:
-        os.lstat(path)
-        return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return None  # e.g. the whiteout of a 252-255 byte name: it cannot exist
+        raise
+
+
+def _lexists(path: str) -> bool:
+    return _lstat(path) is not None
 
 
 class Union:
@@ -218,11 +218,13 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
     os.ftruncate(dst_fd, size)
 
 
-def set_owner_mode_times(path: str, st: os.stat_result) -> None:
-    os.lchown(path, st.st_uid, st.st_gid)
+def copy_metadata(src: str, dst: str, st: os.stat_result) -> None:
+    """Owner, mode, xattrs and times of *src* (lstat *st*) onto *dst*, in the order that keeps them all."""
+    os.lchown(dst, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(path, stat.S_IMODE(st.st_mode))  # after chown: chown clears setuid bits
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))  # after chown: chown clears setuid bits
+    copy_xattrs(src, dst)  # after chown: chown drops security.capability
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 class WritableUnion(Union):
@@ -266,8 +268,7 @@ class WritableUnion(Union):
             tmp = self._tmp_name(parent)
             os.mkdir(tmp, 0o700)
             try:
-                copy_xattrs(src, tmp)
-                set_owner_mode_times(tmp, st)
+                copy_metadata(src, tmp, st)
                 os.rename(tmp, self.upper + rel)
             except BaseException:
                 os.rmdir(tmp)
@@ -329,8 +330,7 @@ class WritableUnion(Union):
             os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
         else:
             raise OSError(errno.EINVAL, "cannot copy up this kind of file", src)
-        copy_xattrs(src, dst)
-        set_owner_mode_times(dst, st)
+        copy_metadata(src, dst, st)
 
     def hardlink_names(self, branch: int, ino: int) -> list[str]:
         """Every path (rel) of read-only *branch* that is a hardlink of inode *ino*.
