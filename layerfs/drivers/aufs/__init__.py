@@ -37,6 +37,9 @@ Union semantics and their limits (see ``union.py`` and ``fs.py``):
 - names of 252-255 bytes that exist in a lower layer cannot be deleted (their
   whiteout name would not fit): ENAMETOOLONG.
 - RENAME_EXCHANGE is not supported (EINVAL).
+
+A container size limit (``size=``) is an xfs project quota on its ``diff``
+(the backing filesystem must be xfs mounted with ``pquota``), as overlay2's.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from ... import _mountapi, archive, whiteout
 from ...changes import Change, stat_differs, with_ancestors
 from ...errors import DriverUnavailable, InvalidOption
 from .. import Driver, remove_tree
+from .._quota import ProjectQuota
 from .union import OPQ, WH, Union
 
 _RESERVED = {"run", "trash"}
@@ -118,7 +122,12 @@ class AufsDriver(Driver):
     # -- layers ----------------------------------------------------------------
     def create(self, id: str, parent: str | None, *, writable: bool = False, size: int | None = None) -> None:
         if size is not None:
-            raise InvalidOption("aufs cannot limit a container's size (no quota on a FUSE union); leave size unset or use overlay2 on xfs")
+            if not writable:
+                raise InvalidOption("a size limit applies to containers, not to image layers")
+            quota = ProjectQuota(self.home)
+            usable, why = quota.supported()
+            if not usable:
+                raise InvalidOption(f"aufs container size: {why}")
         d = self._dir(id)
         d.mkdir(mode=0o700)
         (d / "diff").mkdir(mode=0o755)
@@ -129,6 +138,10 @@ class AufsDriver(Driver):
             (d / "parent").write_text("\n".join(chain) + "\n")
         if writable:
             (d / "writable").touch()
+        if size is not None:
+            # The daemon writes the container's files into diff: an xfs project
+            # quota on it limits the container (writes fail with EDQUOT).
+            quota.set_limit(d / "diff", size)
 
     def remove(self, id: str) -> None:
         self.put(id)
