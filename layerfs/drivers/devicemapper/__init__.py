@@ -49,9 +49,11 @@ from pathlib import Path
 from typing import Iterator
 
 from ... import _mountapi, archive
+from ...changes import Change
 from ...errors import DriverUnavailable, InUse, InvalidOption, LayerfsError
 from .. import Driver, parse_size, remove_tree
 from . import dmioctl, pool as poolmod
+from .diff import snapshot_changes
 from .dmioctl import Control, DMError, Target
 from .pool import LOOP_WARNING, Pool, PoolError
 
@@ -304,8 +306,9 @@ class DevicemapperDriver(Driver):
         else:
             wanted = ("loop", str(self.home / "loop"))
         if recorded is not None and (recorded["kind"], recorded["source"]) != wanted:
+            option = {"directlvm": "dm.directlvm_device", "thinpooldev": "dm.thinpooldev"}.get(wanted[0], "loop pool")
             raise InvalidOption(
-                f"this store's thin pool is {recorded['kind']} {recorded['source']}; it cannot move to "
+                f"{option}={wanted[1]}: this store's thin pool is {recorded['kind']} {recorded['source']}; it cannot move to "
                 f"{wanted[0]} {wanted[1]} (drop the option or use another --root)"
             )
         try:
@@ -750,13 +753,26 @@ class DevicemapperDriver(Driver):
             txn = meta["transaction_id"]
             meta["pending"] = {"op": "delete", "key": key, "device_id": rec["device_id"], "transaction_id": txn + 1}
             self._save(meta)
-            try:
-                self._message(dmioctl.msg_delete(rec["device_id"]))
-            except DMError as exc:
-                if exc.errno != errno.ENODATA:
-                    meta["pending"] = None
-                    self._save(meta)
-                    continue
+            err = None
+            for attempt in range(10):
+                try:
+                    self._message(dmioctl.msg_delete(rec["device_id"]))
+                    err = None
+                    break
+                except DMError as exc:
+                    err = exc
+                    if exc.errno == errno.ENODATA:
+                        err = None
+                        break
+                    if exc.errno != errno.EBUSY:
+                        break
+                    # The device-mapper device is gone but its table may close a moment later.
+                    time.sleep(0.02 * (attempt + 1))
+            if err is not None:
+                meta["pending"] = None
+                self._save(meta)
+                done.append(f"devicemapper: the deferred deletion of {key} waits: {err}")
+                continue
             self._message(dmioctl.msg_set_transaction_id(txn, txn + 1))
             self._finish_delete(meta, key)
             done.append(f"devicemapper: finished the deferred deletion of {key}")
@@ -873,6 +889,18 @@ class DevicemapperDriver(Driver):
         except FileNotFoundError:
             os.mknod(path, 0o600 | stat.S_IFBLK, dev)
         return str(path)
+
+    # -- diff: inode numbers and ctimes of a snapshot against its origin ---------
+    def changes(self, id: str, parent: str | None) -> list[Change]:
+        with self._views(id, parent) as (new, old):
+            return snapshot_changes(str(new), None if old is None else str(old))
+
+    def export(self, id: str, parent: str | None, out) -> str:
+        with self._views(id, parent) as (new, old):
+            found = snapshot_changes(str(new), None if old is None else str(old))
+            exporter = archive.TarExporter(out)
+            archive.export_tree_entries(exporter, str(new), ((c.kind, c.path[1:]) for c in found))
+            return exporter.close()
 
     # -- whole-store teardown ------------------------------------------------------
     def deactivate_all(self, remove_pool: bool = True) -> None:

@@ -63,6 +63,10 @@ LOOP_WARNING = (
 class PoolError(LayerfsError):
     """The thin pool cannot be set up or used."""
 
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail  # a failed command's whole stderr
+
 
 @dataclass
 class Pool:
@@ -154,7 +158,7 @@ def lvm(*args: str, json_report: bool = False) -> dict | str:
         raise PoolError("lvm2 is not installed (apt-get install lvm2)") from None
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()
-        raise PoolError(f"`lvm {' '.join(args)}` failed: {detail[-1].strip()}")
+        raise PoolError(f"`lvm {' '.join(args)}` failed: {detail[-1].strip()}", proc.stderr)
     return json.loads(proc.stdout) if json_report else proc.stdout
 
 
@@ -165,7 +169,7 @@ def lvs(target: str) -> dict | None:
                   "vg_name,lv_name,lv_attr,lv_size,data_percent,metadata_percent,lv_metadata_size,lv_profile",
                   target, json_report=True)
     except PoolError as exc:
-        if "not found" in str(exc) or "Failed to find" in str(exc):
+        if "not found" in exc.detail or "Failed to find" in exc.detail:
             return None
         raise
     rows = out["report"][0]["lv"]
@@ -212,7 +216,10 @@ def setup_loop(ctl: Control, home: Path, prefix: str, data_size: int, meta_size:
         fds.append(fd)
         sectors = os.path.getsize(data) // dmioctl.SECTOR
         sectors -= sectors % LOOP_BLOCK_SECTORS
-        params = dmioctl.thin_pool_params(dmioctl.dev_string(meta_dev), dmioctl.dev_string(data_dev), LOOP_BLOCK_SECTORS)
+        # error_if_no_space: nothing can extend a loop pool, so a full one fails
+        # writes at once rather than queueing them for 60 s.
+        params = dmioctl.thin_pool_params(dmioctl.dev_string(meta_dev), dmioctl.dev_string(data_dev), LOOP_BLOCK_SECTORS,
+                                          0, ("skip_block_zeroing", "error_if_no_space"))
         dev = ctl.create(name)
         try:
             ctl.load(name, [Target(0, sectors, "thin-pool", params)])

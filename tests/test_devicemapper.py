@@ -1,0 +1,407 @@
+"""The devicemapper driver against the real kernel device-mapper (inside the VM step).
+
+Marked ``vm``: on a host without device-mapper these skip; inside the VM
+(LAYERFS_IN_VM=1) a missing device-mapper is a failure.  The guest is ~20x
+slower than the host, so the tests are few and each covers a lot; every
+store is on the VM's disk-backed scratch with a small loop pool (or on a
+spare virtio disk for direct-lvm) and is torn down (devices, pool, loop
+devices) at the end.
+
+A subset of the conformance suite runs here on devicemapper too: the test
+functions are imported below and get this module's ``store`` fixture.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import layerfs
+from layerfs import errors
+
+from conformance import mounted, register_bytes
+from conftest import detach_mounts_under
+from tarbuild import LayerTar
+
+IN_VM = os.environ.get("LAYERFS_IN_VM") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.vm
+
+#: Small enough for the VM: xfs needs >= 300M; the loop files are sparse.
+SMALL = {"dm.basesize": "512M", "dm.loopdatasize": "2G", "dm.loopmetadatasize": "16M"}
+
+
+def _missing(reason: str):
+    if IN_VM:
+        pytest.fail(f"inside the VM: {reason}")
+    pytest.skip(reason)
+
+
+def _require_dm():
+    if os.geteuid() != 0:
+        _missing("devicemapper tests need root")
+    from layerfs.drivers.devicemapper import dmioctl
+
+    try:
+        dmioctl.kernel_version()
+    except OSError as e:
+        _missing(f"no working device-mapper: {dmioctl.CONTROL_PATH}: {os.strerror(e.errno)}")
+
+
+def _scratch(tmp_path: Path) -> Path:
+    """A fresh directory on a disk-backed filesystem in the VM (tmp_path elsewhere)."""
+    disk = os.environ.get("LAYERFS_VM_DISK_SCRATCH")
+    if not disk:
+        return tmp_path
+    d = Path(disk) / tmp_path.name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def teardown_home(home: Path) -> None:
+    """Deactivate every device of the store at *home* and its loop pool; leave nothing behind."""
+    from layerfs.drivers.devicemapper import DevicemapperDriver
+
+    detach_mounts_under(home)
+    if (home / "metadata.json").exists():
+        drv = DevicemapperDriver(home, {})
+        try:
+            drv.deactivate_all()
+        finally:
+            drv.close()
+
+
+@pytest.fixture
+def dm_home(tmp_path):
+    _require_dm()
+    home = _scratch(tmp_path) / "devicemapper"
+    home.mkdir(parents=True)
+    yield home
+    teardown_home(home)
+    shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def _driver(home: Path, **extra):
+    from layerfs.drivers.devicemapper import DevicemapperDriver
+
+    return DevicemapperDriver(home, {**SMALL, **extra})
+
+
+def _thin_ids(drv) -> set[int]:
+    ids = drv.thin_device_ids()
+    assert ids is not None, "thin_ls (thin-provisioning-tools) is needed to list the pool's thin devices"
+    return ids
+
+
+def _known_ids(drv) -> set[int]:
+    meta = drv._load()
+    return {meta["base"]["device_id"]} | {r["device_id"] for r in meta["devices"].values()} | {
+        r["device_id"] for r in meta["deferred"].values()}
+
+
+# ------------------------------------------------------------ conformance subset
+@pytest.fixture
+def driver_name():
+    return "devicemapper"
+
+
+@pytest.fixture
+def store_root(tmp_path):
+    _require_dm()
+    root = _scratch(tmp_path) / "root"
+    root.mkdir(parents=True)
+    yield root
+    teardown_home(root / "devicemapper")
+    shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def store(store_root):
+    s = layerfs.open_store(store_root, driver="devicemapper", options=SMALL)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+from conformance.test_changes import base  # noqa: E402  (fixture)
+from conformance.test_changes import test_changes_kinds, test_commit_round_trip  # noqa: E402,F401
+from conformance.test_changes import test_exported_diff_applies_deletions_on_another_container  # noqa: E402,F401
+from conformance.test_containers import test_containers_are_isolated, test_containers_survive_reopen  # noqa: E402,F401
+from conformance.test_containers import test_root_permission_0755, test_view_is_read_only  # noqa: E402,F401
+from conformance.test_containers import test_writes_persist_across_mounts  # noqa: E402,F401
+from conformance.test_layers import test_chain_ids_follow_oci_image_spec  # noqa: E402,F401
+# (test_released_layer_files_are_reclaimed cannot see inside the loop file; the
+# lifecycle test below checks that blkdiscard gives its blocks back instead.)
+
+
+# ---------------------------------------------------------------- driver level
+def test_lifecycle_copy_on_write_grow_and_status(dm_home):
+    drv = _driver(dm_home)
+    try:
+        st = drv.status()
+        assert st["pool_kind"] == "loop" and "loop devices" in st["warning"]
+        assert st["data_total"] == 2 << 30 and 0 < st["data_used"] < st["data_total"]
+        assert st["base_size"] == 512 << 20 and st["fs"] == "xfs"
+        drv.create("l1", None)
+        p = drv.get("l1")
+        assert os.listdir(p) == []
+        (p / "shared").write_bytes(b"from l1")
+        (p / "gone").write_bytes(b"x")
+        drv.put("l1")
+        assert not drv.is_mounted("l1")
+        drv.create("c1", "l1", writable=True)
+        drv.create("c2", "l1", writable=True)
+        p1, p2 = drv.get("c1"), drv.get("c2")
+        assert drv.get("c1") == p1  # idempotent
+        (p1 / "shared").write_bytes(b"changed in c1")
+        os.unlink(p1 / "gone")
+        assert (p2 / "shared").read_bytes() == b"from l1" and (p2 / "gone").exists()
+        view = drv.get("l1", readonly=True)
+        assert (view / "shared").read_bytes() == b"from l1" and (view / "gone").exists()
+        with pytest.raises(OSError):
+            (view / "new").write_bytes(b"ro")
+        assert {c.path: c.kind for c in drv.changes("c1", "l1")} == {"/shared": "C", "/gone": "D"}
+        os.setxattr(p2 / "gone", "user.note", b"v")  # xattr only: same size, mode and mtime
+        assert {c.path: c.kind for c in drv.changes("c2", "l1")} == {"/gone": "C"}
+        for i in ("l1", "c1", "c2"):
+            drv.put(i)
+        # a container larger than the base: device and filesystem grow
+        drv.create("big", "l1", writable=True, size=1 << 30)
+        p = drv.get("big")
+        vfs = os.statvfs(p)
+        assert vfs.f_blocks * vfs.f_frsize > 900 << 20
+        assert (p / "shared").read_bytes() == b"from l1"
+        with open(p / "blob", "wb") as f:
+            f.write(os.urandom(16 << 20))
+            os.fsync(f.fileno())
+        drv.put("big")
+        data_file = dm_home / "loop" / "data"
+        allocated = os.stat(data_file).st_blocks * 512
+        with pytest.raises(errors.InvalidOption, match="smaller"):
+            drv.create("small", "l1", writable=True, size=100 << 20)
+        assert drv.ids() == {"l1", "c1", "c2", "big"}
+        assert _thin_ids(drv) == _known_ids(drv)
+        used = drv.status()["data_used"]
+        for i in ("big", "c2", "c1", "l1"):
+            drv.remove(i)
+        drv.remove("l1")  # a missing id is not an error
+        assert drv.ids() == set()
+        assert _thin_ids(drv) == _known_ids(drv) == {drv._load()["base"]["device_id"]}
+        assert drv.status()["data_used"] <= used
+        # dm.blkdiscard (on for loop pools) punched the removed devices' blocks out of the loop file
+        assert os.stat(data_file).st_blocks * 512 < allocated - (12 << 20)
+        assert drv.cleanup(repair=False, deep=True) == []
+        prefix = drv.prefix
+        drv.deactivate_all()
+    finally:
+        drv.close()
+    from layerfs.drivers.devicemapper import dmioctl
+
+    with dmioctl.Control() as ctl:
+        assert [n for n in ctl.list_devices() if n.startswith(prefix)] == []
+    assert not [n for n in os.listdir("/dev/mapper") if n.startswith(prefix)]
+    # reopening sets the loop pool up again from its files; the transaction id is unchanged
+    drv = _driver(dm_home)
+    try:
+        assert drv.status()["devices"] == 0 and drv.status()["transaction_id"] == drv._load()["transaction_id"]
+    finally:
+        drv.close()
+
+
+def test_graph_apply_whiteouts_and_pool_full_refusal(tmp_path):
+    _require_dm()
+    root = _scratch(tmp_path) / "root"
+    # 1 GiB of data: the formatted base takes ~7%; 88% free required
+    opts = {**SMALL, "dm.loopdatasize": "1G", "dm.min_free_space": "88%"}
+    try:
+        with layerfs.open_store(root, driver="devicemapper", options=opts) as s:
+            lower = register_bytes(s, LayerTar().dir("etc").file("etc/a", b"a").file("etc/b", b"b").dir("d")
+                                   .file("d/x", b"x").bytes())
+            upper = register_bytes(s, LayerTar().whiteout("etc/a").opaque("d").file("d/y", b"y").bytes(),
+                                   parent=lower.chain_id)
+            with mounted(s, upper.chain_id) as mp:
+                assert sorted(os.listdir(mp / "etc")) == ["b"]
+                assert sorted(os.listdir(mp / "d")) == ["y"]
+            s.create_container("c", upper.chain_id)
+            with mounted(s, "c") as mp:
+                with open(mp / "fill", "wb") as f:
+                    for _ in range(64):
+                        f.write(os.urandom(1 << 20))
+                    os.fsync(f.fileno())
+            with pytest.raises(errors.LayerfsError) as info:
+                s.create_container("refused", upper.chain_id)
+            msg = str(info.value)
+            assert "% full" in msg and "dm.min_free_space=88%" in msg and "dm.loopdatasize" in msg, msg
+            assert [c.name for c in s.containers()] == ["c"]
+            st = s.status()["probes"]
+            assert st["data_percent"] > 12
+            s.remove_container("c")
+            s.create_container("fits-again", upper.chain_id)
+    finally:
+        teardown_home(root / "devicemapper")
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import layerfs
+    from layerfs.drivers.devicemapper import dmioctl
+    root, point, action = sys.argv[1:4]
+    real = dmioctl.Control.message
+    def message(self, name, msg, sector=0):
+        out = real(self, name, msg, sector)
+        if msg.startswith(point):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    dmioctl.Control.message = message
+    s = layerfs.open_store(root, driver="devicemapper")
+    if action == "create":
+        s.create_container("victim", s.layers()[0].chain_id)
+    else:
+        s.remove_container("victim")
+    print("not killed")
+""")
+
+
+def test_crash_between_pool_message_and_metadata_record(tmp_path):
+    """kill -9 after each pool message of create and remove; reopening leaks no thin device, loses no layer."""
+    _require_dm()
+    root = _scratch(tmp_path) / "root"
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER.format(repo=str(REPO)))
+
+    def kill_at(point: str, action: str) -> None:
+        proc = subprocess.run([sys.executable, str(script), str(root), point, action], capture_output=True, text=True)
+        assert proc.returncode == -9, (point, action, proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+    def check(container_expected: bool) -> None:
+        with layerfs.open_store(root, driver="devicemapper") as s:
+            drv = s.driver
+            assert drv._load()["pending"] is None
+            assert _thin_ids(drv) == _known_ids(drv), "a thin device leaked"
+            assert [c.name for c in s.containers()] == (["victim"] if container_expected else [])
+            assert s.check() == []
+            with mounted(s, layer.chain_id) as mp:  # the layer is intact
+                assert (mp / "keep").read_bytes() == b"kept"
+            if container_expected:
+                with mounted(s, "victim") as mp:
+                    assert (mp / "keep").read_bytes() == b"kept"
+
+    try:
+        with layerfs.open_store(root, driver="devicemapper", options=SMALL) as s:
+            layer = register_bytes(s, LayerTar().file("keep", b"kept").bytes())
+        # create: killed after create_snap (pool txn not bumped: rolled back), then after
+        # set_transaction_id (rolled forward by the driver, then dropped by the graph's intent)
+        for point in ("create_snap", "set_transaction_id"):
+            kill_at(point, "create")
+            check(container_expected=False)
+        with layerfs.open_store(root, driver="devicemapper") as s:
+            s.create_container("victim", layer.chain_id)
+        # remove: killed after the delete message, before anything was recorded: finished on open
+        kill_at("delete", "remove")
+        check(container_expected=False)
+    finally:
+        teardown_home(root / "devicemapper")
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def test_deferred_removal_and_deletion_of_a_busy_device(dm_home):
+    from layerfs.drivers.devicemapper import dmioctl
+
+    drv = _driver(dm_home)
+    try:
+        drv.create("busy", None)
+        drv.get("busy")
+        drv.put("busy")
+        drv._activate("busy", drv._load()["devices"]["busy"])
+        name = drv._dm_name("busy")
+        fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY)
+        try:
+            # without deferral: the busy device cannot go, and nothing changes
+            with pytest.raises(errors.InUse, match="still open"):
+                drv.remove("busy")
+            assert drv.ids() == {"busy"}
+        finally:
+            os.close(fd)
+        drv.close()
+
+        drv = _driver(dm_home, **{"dm.use_deferred_removal": "true", "dm.use_deferred_deletion": "true"})
+        p = drv.get("busy")
+        fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY)
+        try:
+            drv.put("busy")  # unmounted; deactivation deferred
+            assert not drv.is_mounted("busy")
+            info = drv.ctl.info(name)
+            assert info is not None and info.deferred_remove
+            p = drv.get("busy")  # a deferred removal is cancelled by the next use
+            assert not drv.ctl.info(name).deferred_remove
+            (p / "f").write_bytes(b"still usable")
+            drv.remove("busy")  # deletion deferred: gone for the caller
+            assert drv.ids() == set() and drv.status()["deferred_deletions"] == 1
+            assert drv.ctl.info(name).deferred_remove
+        finally:
+            os.close(fd)
+        for _ in range(100):  # the kernel removes it from a workqueue after the last close
+            if drv.ctl.info(name) is None:
+                break
+            time.sleep(0.05)
+        assert drv.ctl.info(name) is None
+        assert any("finished the deferred deletion of busy" in line for line in drv.cleanup())
+        assert drv.status()["deferred_deletions"] == 0
+        assert _thin_ids(drv) == _known_ids(drv)
+    finally:
+        drv.close()
+
+
+def test_direct_lvm_on_a_spare_disk(tmp_path):
+    """dm.directlvm_device: layerfs makes the PV, VG, thin pool and autoextend profile; reactivation works."""
+    _require_dm()
+    disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", "").split()
+    if not disks:
+        _missing("no spare disk for direct-lvm (LAYERFS_VM_SPARE_DISKS)")
+    from layerfs.drivers.devicemapper import DevicemapperDriver, pool as poolmod
+
+    disk = disks[0]
+    home = _scratch(tmp_path) / "devicemapper"
+    home.mkdir(parents=True)
+    opts = {"dm.basesize": "512M", "dm.directlvm_device": disk, "dm.thinp_percent": "80", "dm.thinp_metapercent": "2",
+            "dm.thinp_autoextend_threshold": "70", "dm.thinp_autoextend_percent": "25"}
+    drv = DevicemapperDriver(home, opts)
+    try:
+        st = drv.status()
+        assert st["pool_kind"] == "directlvm" and "warning" not in st
+        vg_lv = drv.pool.lv
+        row = poolmod.lvs(vg_lv)
+        assert row["lv_attr"].startswith("t") and row["lv_profile"] == f"{vg_lv.split('/')[0]}-thinpool"
+        assert 0.78 * (2 << 30) < int(row["lv_size"]) <= 0.8 * (2 << 30)
+        profile = (poolmod.profile_dir() / f"{row['lv_profile']}.profile").read_text()
+        assert "thin_pool_autoextend_threshold=70" in profile and "thin_pool_autoextend_percent=25" in profile
+        drv.create("l", None)
+        (drv.get("l") / "f").write_bytes(b"on lvm")
+        drv.put("l")
+        drv.create("c", "l", writable=True)
+        assert (drv.get("c") / "f").read_bytes() == b"on lvm"
+        drv.deactivate_all()
+        drv.close()
+        # the pool deactivated by lvm and opened again (lvm must accept our transaction id)
+        poolmod.lvm("lvchange", "-an", vg_lv)
+        drv = DevicemapperDriver(home, {"dm.directlvm_device": disk})
+        assert (drv.get("c") / "f").read_bytes() == b"on lvm"
+        assert _thin_ids(drv) == _known_ids(drv)
+        with pytest.raises(errors.InvalidOption, match="dm.directlvm_device"):
+            DevicemapperDriver(home, {"dm.directlvm_device": disks[-1] if len(disks) > 1 else "/dev/null"})
+        drv.deactivate_all()
+    finally:
+        drv.close()
+        detach_mounts_under(home)
