@@ -403,5 +403,23 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
             DevicemapperDriver(home, {"dm.directlvm_device": disks[-1] if len(disks) > 1 else "/dev/null"})
         drv.deactivate_all()
     finally:
+        vg_lv = drv.pool.lv if getattr(drv, "pool", None) else None
         drv.close()
         detach_mounts_under(home)
+        _wipe_disk(disk, vg_lv.split("/")[0] if vg_lv else None)
+
+
+def _wipe_disk(disk: str, vg: str | None) -> None:
+    """Leave the spare disk blank, as the VM's other tests expect to find it."""
+    from layerfs.drivers.devicemapper import pool as poolmod
+
+    if vg:
+        for args in (("vgremove", "-ff", "-y", vg), ("pvremove", "-ff", "-y", disk)):
+            try:
+                poolmod.lvm(*args)
+            except poolmod.PoolError:
+                pass
+        (poolmod.profile_dir() / f"{vg}-thinpool.profile").unlink(missing_ok=True)
+    with open(disk, "r+b") as f:
+        f.write(bytes(1 << 20))
+        os.fsync(f.fileno())
