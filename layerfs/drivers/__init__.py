@@ -187,6 +187,9 @@ def registry() -> dict[str, type[Driver]]:
     from .overlay2 import Overlay2Driver
 
     found: list[type[Driver]] = [Overlay2Driver]
+    from .devicemapper import DevicemapperDriver
+
+    found.append(DevicemapperDriver)
     return {cls.name: cls for cls in sorted(found, key=lambda c: c.priority)}
 
 
