@@ -25,7 +25,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 #: Drivers the conformance suite runs against; later drivers add themselves.
-DRIVERS = ("overlay2",)
+DRIVERS = ("overlay2", "aufs")
 
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

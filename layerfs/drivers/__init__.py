@@ -184,9 +184,10 @@ class Driver(abc.ABC):
 
 def registry() -> dict[str, type[Driver]]:
     """Driver classes by name, in the order driver="auto" tries them."""
+    from .aufs import AufsDriver
     from .overlay2 import Overlay2Driver
 
-    found: list[type[Driver]] = [Overlay2Driver]
+    found: list[type[Driver]] = [Overlay2Driver, AufsDriver]
     from .devicemapper import DevicemapperDriver
 
     found.append(DevicemapperDriver)
