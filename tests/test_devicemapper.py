@@ -235,7 +235,7 @@ def test_graph_apply_whiteouts_and_pool_full_refusal(tmp_path):
             s.create_container("c", upper.chain_id)
             with mounted(s, "c") as mp:
                 with open(mp / "fill", "wb") as f:
-                    for _ in range(64):
+                    for _ in range(96):  # ~9.4% of the pool: ~15.7% used, 84% free
                         f.write(os.urandom(1 << 20))
                     os.fsync(f.fileno())
             with pytest.raises(errors.LayerfsError) as info:
@@ -399,6 +399,11 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
         drv = DevicemapperDriver(home, {"dm.directlvm_device": disk})
         assert (drv.get("c") / "f").read_bytes() == b"on lvm"
         assert _thin_ids(drv) == _known_ids(drv)
+        # the same pool named as dm.thinpooldev by another store: refused, it is in use
+        other = home.parent / "other"
+        other.mkdir()
+        with pytest.raises(errors.InvalidOption, match="already in use"):
+            DevicemapperDriver(other, {"dm.basesize": "512M", "dm.thinpooldev": vg_lv})
         with pytest.raises(errors.InvalidOption, match="dm.directlvm_device"):
             DevicemapperDriver(home, {"dm.directlvm_device": disks[-1] if len(disks) > 1 else "/dev/null"})
         drv.deactivate_all()
