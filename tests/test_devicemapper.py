@@ -13,7 +13,6 @@ functions are imported below and get this module's ``store`` fixture.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -133,7 +132,7 @@ def store(store_root):
         s.close()
 
 
-from conformance.test_changes import base  # noqa: E402  (fixture)
+from conformance.test_changes import base  # noqa: E402,F401  (a fixture the imported tests use)
 from conformance.test_changes import test_changes_kinds, test_commit_round_trip  # noqa: E402,F401
 from conformance.test_changes import test_exported_diff_applies_deletions_on_another_container  # noqa: E402,F401
 from conformance.test_containers import test_containers_are_isolated, test_containers_survive_reopen  # noqa: E402,F401
@@ -317,8 +316,6 @@ def test_crash_between_pool_message_and_metadata_record(tmp_path):
 
 
 def test_deferred_removal_and_deletion_of_a_busy_device(dm_home):
-    from layerfs.drivers.devicemapper import dmioctl
-
     drv = _driver(dm_home)
     try:
         drv.create("busy", None)

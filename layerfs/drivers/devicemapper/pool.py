@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import DriverUnavailable, InvalidOption, LayerfsError
+from ...errors import InvalidOption, LayerfsError
 from . import dmioctl
 from .dmioctl import Control, Target
 
