@@ -37,12 +37,14 @@ def loop_fs(tmp_path: Path, mkfs: list[str], mount_opts: str, size_mb: int = 300
     mnt.mkdir()
     res = subprocess.run(["mount", "-o", f"loop,{mount_opts}", str(image), str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
+        image.unlink()
         pytest.skip(f"this kernel cannot mount {mkfs[0]} with -o {mount_opts} (the VM step runs this test): {res.stderr.strip()}")
     try:
         yield mnt
     finally:
         for point in _mountapi.mounts_under(str(mnt)):
             _mountapi.umount(point, _mountapi.MNT_DETACH)
+        image.unlink()  # the VM's TMPDIR is a small tmpfs: give the space back now
 
 
 def test_backing_fs_without_dtype_is_refused_with_a_fix(tmp_path):

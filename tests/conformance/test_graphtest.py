@@ -271,12 +271,14 @@ def xfs_pquota_dir(tmp_path):
     subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
     r = subprocess.run(["mount", "-o", "loop,pquota", str(img), str(mnt)], capture_output=True)
     if r.returncode != 0:
+        img.unlink()
         pytest.skip("cannot mount an xfs loop image with pquota (does the kernel have "
                     f"CONFIG_XFS_QUOTA?): {r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
         detach_mounts_under(mnt)
+        img.unlink()  # the VM's TMPDIR is a small tmpfs: give the space back now
 
 
 @pytest.mark.vm  # this host's kernel has no XFS quota support; the VM's has
