@@ -9,7 +9,7 @@
 #                Fails when either step fails; "no tests collected" (pytest exit 5) counts
 #                as a failure; so does a VM that cannot boot.  Junit of the VM step:
 #                build/junit-vm.xml
-#   make bench   setup + python -m benchmarks run
+#   make bench   setup + pip install -e '.[bench]' (matplotlib) + python -m benchmarks run
 #   make clean   remove the demo store and build/
 #
 # Extra arguments: make test PYTEST_ARGS='-k overlay -x'   make bench BENCH_ARGS=--quick
@@ -40,6 +40,7 @@ test: setup
 	exit $$rc
 
 bench: setup
+	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) -m benchmarks run $(BENCH_ARGS)
 
 clean:

@@ -137,8 +137,33 @@ def _content(e: Entry, pools: tuple[bytes, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def write_tar(spec: TreeSpec, fileobj) -> dict:
-    """Write the layer tar for ``spec`` to ``fileobj``; return its manifest."""
+@dataclass(frozen=True)
+class BigFile:
+    """A large file appended to a layer after the tree (content streamed, never held in memory)."""
+    path: str
+    size: int
+    mode: int = 0o644
+
+
+class _PoolStream(io.RawIOBase):
+    """``size`` bytes of the incompressible pool, repeated from ``offset``."""
+
+    def __init__(self, pool: bytes, size: int, offset: int):
+        self.pool, self.left, self.off = memoryview(pool), size, offset % len(pool)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), self.left, len(self.pool) - self.off)
+        b[:n] = self.pool[self.off:self.off + n]
+        self.left -= n
+        self.off = (self.off + n) % len(self.pool)
+        return n
+
+
+def write_tar(spec: TreeSpec, fileobj, extra: tuple[BigFile, ...] = ()) -> dict:
+    """Write the layer tar for ``spec`` (plus ``extra`` big files) to ``fileobj``; return its manifest."""
     pools = _pools(spec.seed)
     counts = {"dir": 0, "file": 0, "symlink": 0, "hardlink": 0}
     nbytes = 0
@@ -161,8 +186,27 @@ def write_tar(spec: TreeSpec, fileobj) -> dict:
             else:
                 ti.type, ti.linkname = tarfile.LNKTYPE, e.link
                 tf.addfile(ti)
-    return {"spec": asdict(spec), "generator_version": GENERATOR_VERSION,
-            "entries": counts, "file_bytes": nbytes}
+        made = set()
+        for i, big in enumerate(extra):
+            parts = big.path.split("/")[:-1]
+            for k in range(1, len(parts) + 1):
+                d = "/".join(parts[:k])
+                if d not in made:
+                    made.add(d)
+                    ti = tarfile.TarInfo(d)
+                    ti.mtime, ti.mode, ti.type, ti.uname, ti.gname = MTIME, 0o755, tarfile.DIRTYPE, "", ""
+                    tf.addfile(ti)
+                    counts["dir"] += 1
+            ti = tarfile.TarInfo(big.path)
+            ti.mtime, ti.mode, ti.size, ti.uname, ti.gname = MTIME, big.mode, big.size, "", ""
+            tf.addfile(ti, io.BufferedReader(_PoolStream(pools[1], big.size, i * 65_537), 1 << 20))
+            counts["file"] += 1
+            nbytes += big.size
+    out = {"spec": asdict(spec), "generator_version": GENERATOR_VERSION,
+           "entries": counts, "file_bytes": nbytes}
+    if extra:
+        out["extra"] = [asdict(b) for b in extra]
+    return out
 
 
 class _HashingWriter(io.RawIOBase):
@@ -179,13 +223,17 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def cached_tar(spec: TreeSpec, cache_dir: Path) -> tuple[Path, dict]:
-    """The uncompressed tar for ``spec`` under ``cache_dir`` (built once) and its manifest.
+def cached_tar(spec: TreeSpec, cache_dir: Path, extra: tuple[BigFile, ...] = ()) -> tuple[Path, dict]:
+    """The uncompressed tar for ``spec`` (plus ``extra``) under ``cache_dir`` (built once) and its manifest.
 
     The manifest includes ``diff_id`` (sha256 of the tar) and ``tar_bytes``.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{spec.key()}.tar"
+    key = spec.key()
+    if extra:
+        raw = json.dumps([asdict(b) for b in extra], sort_keys=True).encode()
+        key += f"-x{hashlib.sha256(raw).hexdigest()[:8]}"
+    path = cache_dir / f"{key}.tar"
     meta = path.with_suffix(".json")
     if path.exists() and meta.exists():
         return path, json.loads(meta.read_text())
@@ -193,7 +241,7 @@ def cached_tar(spec: TreeSpec, cache_dir: Path) -> tuple[Path, dict]:
     try:
         with open(tmp, "wb") as f:
             w = _HashingWriter(f)
-            manifest = write_tar(spec, w)
+            manifest = write_tar(spec, w, extra)
         manifest.update(diff_id="sha256:" + w.h.hexdigest(), tar_bytes=w.n)
         os.replace(tmp, path)
     finally:
