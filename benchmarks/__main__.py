@@ -1,4 +1,10 @@
-"""python -m benchmarks run [--suite NAME ...] [--quick] [--out DIR] ...
+"""python -m benchmarks run [--suite NAME ...] [--drivers D1,D2] [--peers P1,P2] [--quick] [--out DIR] ...
+
+Suites marked per-driver (register, mount, changes, open_store) run once per
+layerfs driver, each row named ``suite.benchmark[driver]``; ``fs`` and
+``snapshot`` put every driver and peer side by side in one benchmark; ``pull``
+uses the first driver. A driver that cannot open here is reported as skipped
+with its DriverUnavailable reason.
 
 Exit status: 0 when every benchmark ran (targets met or not, unless
 --fail-on-miss), 1 when one failed, 2 on usage errors, 3 with --fail-on-miss
@@ -14,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from . import drivers as bench_drivers
+from . import peers as bench_peers
 from . import machine, mounts, report
 from .context import RunContext
-from .runner import MIN_RUNS, run_suite
-from .suites import SUITES
+from .runner import MIN_RUNS, _suite_failure, run_suite
+from .suites import PER_DRIVER, SUITES
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -46,6 +54,24 @@ def _storage_opts(values: list[str] | None) -> dict[str, str] | None:
             raise UsageError(f"--storage-opt wants KEY=VALUE, got {v!r}")
         out[k] = val
     return out
+
+
+def _per_driver(suite_fn, driver: str):
+    """Wrap a suite so every benchmark it yields is named ``NAME[driver]``."""
+    def wrapped(ctx):
+        gen = suite_fn(ctx)
+        try:
+            for b in gen:
+                b.name = f"{b.name}[{driver}]"
+                b.description = f"[{driver}] {b.description}"
+                b.workload = {**b.workload, "driver": driver}
+                for c in b.contenders:
+                    if c.role == "layerfs":
+                        c.info = {**c.info, "driver": driver}
+                yield b
+        finally:
+            gen.close()
+    return wrapped
 
 
 def _reap_stale(parent: Path) -> None:
@@ -78,22 +104,46 @@ def cmd_run(args) -> int:
     _reap_stale(work_parent)
     work = work_parent / f"work-{os.getpid()}"
     work.mkdir()
+    requested = args.drivers or (args.driver if args.driver != "auto" else None)
+    try:
+        usable, unusable = bench_drivers.select(requested, work)
+    except ValueError as e:
+        mounts.safe_rmtree(work)
+        raise UsageError(str(e)) from None
+    for d, why in unusable.items():
+        print(f"driver {d} skipped: {why}", file=sys.stderr)
+    peers = None
+    if args.peers:
+        peers = {p.strip() for v in args.peers for p in v.split(",") if p.strip()}
+        if "none" in peers:
+            peers = set()
     ctx = RunContext(out_dir=out, cache_dir=out / "cache", work_dir=work, quick=args.quick,
-                     driver=args.driver, options=options)
+                     driver=usable[0] if usable else args.driver, options=options,
+                     drivers=usable, drivers_skipped=unusable, peers=peers)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     doc = {
         "machine": machine.collect(work),
-        "config": {"quick": args.quick, "runs": args.runs, "suites": suites, "driver": args.driver,
+        "config": {"quick": args.quick, "runs": args.runs, "suites": suites, "driver": ctx.driver,
+                   "drivers": usable, "drivers_skipped": unusable,
+                   "peers": sorted(peers) if peers is not None else "all installed",
                    "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
                    "argv": sys.argv},
+        "peers": bench_peers.versions(),
         "results": [],
     }
     t0 = time.monotonic()
     interrupted = False
     try:
         for name in suites:
-            doc["results"] += run_suite(name, SUITES[name], ctx, quick=args.quick, runs=args.runs)
+            if name not in PER_DRIVER:
+                doc["results"] += run_suite(name, SUITES[name], ctx, quick=args.quick, runs=args.runs)
+                continue
+            for d in usable:
+                doc["results"] += run_suite(f"{name}[{d}]", _per_driver(SUITES[name], d),
+                                            ctx.for_driver(d), quick=args.quick, runs=args.runs)
+            for d, why in unusable.items():
+                doc["results"].append(_suite_failure(f"{name}[{d}]", {"skipped": why}))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: cleaning up and writing partial results", file=sys.stderr)
@@ -135,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="smoke run: scaled-down workloads, 3 rounds, targets not judged (well under 3 min)")
     r.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default %(default)s)")
     r.add_argument("--runs", type=int, help=f"measured rounds per benchmark (>= {MIN_RUNS} unless --quick)")
-    r.add_argument("--driver", default="auto", help="layerfs storage driver (default %(default)s)")
+    r.add_argument("--drivers", metavar="D1,D2",
+                   help="layerfs drivers to benchmark (default: every driver that opens here)")
+    r.add_argument("--driver", default="auto", help="one layerfs driver (older spelling of --drivers)")
+    r.add_argument("--peers", action="append", metavar="P1,P2",
+                   help="peers to compare with: docker, containerd, fuse-overlayfs, kernel-overlay, tar "
+                        "(default: every one installed; 'none' for none)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE", help="layerfs storage option")
     r.add_argument("--work-dir", help="where stores and extractions go (default: the out dir); "
                                       "its filesystem is recorded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -21,6 +22,9 @@ class RunContext:
     quick: bool = False
     driver: str = "auto"
     options: dict[str, str] | None = None
+    drivers: list[str] = field(default_factory=list)          # usable layerfs drivers of this run
+    drivers_skipped: dict[str, str] = field(default_factory=dict)   # driver -> why it cannot run here
+    peers: set[str] | None = None                             # None: every peer installed
     _counter: Any = field(default_factory=lambda: itertools.count())
 
     def scratch(self, stem: str) -> Path:
@@ -60,6 +64,13 @@ class RunContext:
         for k, v in (self.options or {}).items():
             base += ["--storage-opt", f"{k}={v}"]
         return base
+
+    def for_driver(self, driver: str) -> "RunContext":
+        """The same context with another layerfs driver (scratch names stay unique)."""
+        return dataclasses.replace(self, driver=driver)
+
+    def peer_wanted(self, peer: str) -> bool:
+        return self.peers is None or peer in self.peers
 
     def pick(self, full, quick):
         return quick if self.quick else full

@@ -18,6 +18,17 @@ def _unit(seconds: float) -> tuple[float, str]:
     return 1e6, "µs"
 
 
+def _scale(r: dict, seconds: float) -> tuple[float, str]:
+    """Scale and unit for a result's values (seconds by default; a benchmark may use another unit)."""
+    unit = r.get("unit") or "s"
+    return _unit(seconds) if unit == "s" else (1.0, unit)
+
+
+def _fmt_v(r: dict, v: float) -> str:
+    scale, unit = _scale(r, v)
+    return _fmt(v, scale, unit)
+
+
 def _fmt(v: float, scale: float, unit: str) -> str:
     x = v * scale
     return f"{x:.3g} {unit}" if x < 1000 else f"{x:.0f} {unit}"
@@ -30,12 +41,12 @@ def _row(r: dict) -> list[str]:
         return [r["name"], "—", "—", "—", "0", "—", "—",
                 (r.get("target") or {}).get("text", "—"), f"{r['status']}: {why}"[:160]]
     s = r["contenders"][r["subject"]]
-    scale, unit = _unit(s["median_s"])
+    scale, unit = _scale(r, s["median_s"])
     flag = " ⚠" if s["wide_spread"] else ""
     ref = "—"
     if r.get("reference") and r["contenders"].get(r["reference"], {}).get("n"):
         rs = r["contenders"][r["reference"]]
-        ref = f"{r['reference']}: {fmt_s(rs['median_s'])}" + (" ⚠" if rs["wide_spread"] else "")
+        ref = f"{r['reference']}: {_fmt_v(r, rs['median_s'])}" + (" ⚠" if rs["wide_spread"] else "")
     ratio = f"{r['ratio']:.2f}×" if r.get("ratio") is not None else "—"
     status = r["status"]
     if status == "missed" and r.get("missed_by") is not None:
@@ -80,9 +91,27 @@ def markdown(doc: dict) -> str:
         f"run. Ratio = median of the subject / median of the reference. ⚠ = wide spread "
         f"(max/min > {WIDE_SPREAD}). Absolute targets are judged on the median, ratio targets on the ratio.",
         "",
-        "## Notes",
-        "",
     ]
+    lines += contender_table(doc)
+    if doc.get("plots_error"):
+        lines += [f"Plots not drawn: {doc['plots_error']} (`pip install -e '.[bench]'`)", ""]
+    if doc.get("plots"):
+        lines += ["## Plots", ""]
+        for p in doc["plots"]:
+            lines += [f"![{p['title']}]({p['file']})", ""]
+    skipped = cfg.get("drivers_skipped") or {}
+    peers = doc.get("peers") or {}
+    if skipped or peers:
+        lines += ["## Drivers and peers", ""]
+        lines += [f"- layerfs drivers measured: {', '.join(cfg.get('drivers') or []) or 'none'}"]
+        lines += [f"- driver `{d}` skipped: {why}" for d, why in skipped.items()]
+        for name, v in peers.items():
+            if isinstance(v, dict) and "available" in v:
+                pk = ", ".join(f"{k} {x}" for k, x in (v.get("packages") or {}).items() if x)
+                lines.append(f"- peer `{name}`: {'installed' if v['available'] else 'not installed'}"
+                             f"{' · ' + v['version'] if v.get('version') else ''}{' · apt ' + pk if pk else ''}")
+        lines.append("")
+    lines += ["## Notes", ""]
     for r in doc["results"]:
         notes = list(r.get("notes") or [])
         for name, c in (r.get("contenders") or {}).items():
@@ -105,9 +134,44 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def contender_table(doc: dict) -> list[str]:
+    """Every contender of every benchmark: median (min–max), n, ratio to the reference and to the best peer."""
+    rows = []
+    for r in doc["results"]:
+        cs = {k: v for k, v in (r.get("contenders") or {}).items() if v.get("n")}
+        if len(cs) < 2:
+            continue
+        peers = [v["median_s"] for v in cs.values() if v.get("role") == "reference" and v["median_s"] > 0]
+        best = min(peers) if peers else None
+        ref = cs.get(r.get("reference") or "")
+        nbytes = (r.get("workload") or {}).get("bytes")
+        for name, c in cs.items():
+            to_ref = f"{c['median_s'] / ref['median_s']:.2f}×" if ref and ref["median_s"] > 0 else "—"
+            to_best = f"{c['median_s'] / best:.2f}×" if best else "—"
+            extra = ""
+            if nbytes and (r.get("unit") or "s") == "s" and c["median_s"] > 0:
+                extra = f"{nbytes / c['median_s'] / 1e9:.2f} GB/s"
+            rows.append(f"| {r['name']} | {name}{' (subject)' if name == r.get('subject') else ''} | "
+                        f"{_fmt_v(r, c['median_s'])}{' ⚠' if c.get('wide_spread') else ''} | "
+                        f"{_fmt_v(r, c['min_s'])} – {_fmt_v(r, c['max_s'])} | {c['n']} | {to_ref} | {to_best} | {extra} |")
+    if not rows:
+        return []
+    return ["## Every contender", "",
+            "Ratios are of medians (lower is faster; for MB rows, lower is smaller). *best peer* = the fastest "
+            "non-layerfs contender of the row.", "",
+            "| benchmark | contender | median | min – max | n | ÷ reference | ÷ best peer | throughput |",
+            "|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def write(doc: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     j, md = out_dir / "results.json", out_dir / "results.md"
+    try:
+        from . import plots
+        doc["plots"] = plots.write(doc, out_dir)
+    except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the results
+        doc["plots"] = []
+        doc["plots_error"] = f"{type(e).__name__}: {e}"
     j.write_text(json.dumps({"schema": SCHEMA, **doc}, indent=1, default=str) + "\n")
     md.write_text(markdown(doc))
     return j, md

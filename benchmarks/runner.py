@@ -49,19 +49,32 @@ class SkipBenchmark(Exception):
 
 @dataclass
 class Target:
-    kind: str        # "ratio": subject median / reference median; "ms": subject median
+    kind: str        # "ratio": subject median / reference median; "ms": subject median;
+                     # "max": subject median in the benchmark's own unit (e.g. MB)
     value: float
+    text: str | None = None   # how to say it, when not the default (e.g. "throughput ≥ 0.8× ref")
+    unit: str = ""
 
     @classmethod
-    def ratio(cls, value: float) -> "Target":
-        return cls("ratio", value)
+    def ratio(cls, value: float, text: str | None = None) -> "Target":
+        return cls("ratio", value, text)
 
     @classmethod
     def ms(cls, value: float) -> "Target":
         return cls("ms", value)
 
+    @classmethod
+    def max(cls, value: float, unit: str) -> "Target":
+        return cls("max", value, None, unit)
+
     def describe(self) -> str:
-        return f"≤ {self.value:g}× ref" if self.kind == "ratio" else f"≤ {self.value:g} ms"
+        if self.text:
+            return self.text
+        if self.kind == "ratio":
+            return f"≤ {self.value:g}× ref"
+        if self.kind == "max":
+            return f"≤ {self.value:g} {self.unit}"
+        return f"≤ {self.value:g} ms"
 
 
 @dataclass
@@ -87,6 +100,8 @@ class Benchmark:
     notes: list[str] = field(default_factory=list)
     # Called between rounds, untimed (e.g. to keep an input warm in page cache).
     between_rounds: Callable[[], None] | None = None
+    # What once() returns: "s" (seconds, the default) or another unit (e.g. "MB" for memory).
+    unit: str = "s"
 
 
 @dataclass
@@ -162,7 +177,7 @@ def run_benchmark(b: Benchmark, *, quick: bool, runs: int | None, suite: str) ->
                 secs = c.once()
                 (samples if measuring else warm)[c.name].append(secs)
                 sequence.append([r - b.warmup if measuring else f"warmup{r}", c.name, secs])
-                row.append(f"{c.name} {fmt_s(secs)}")
+                row.append(f"{c.name} {fmt_s(secs) if b.unit == 's' else f'{secs:.3g} {b.unit}'}")
             label = f"{r - b.warmup + 1}/{n}" if measuring else "warmup"
             _log(f"  [{b.name}] round {label}: " + " | ".join(row))
             if b.between_rounds:
@@ -196,7 +211,8 @@ def summarize(b: Benchmark, *, suite: str, names: list[str], samples: dict[str, 
     if error is not None:
         status = "skipped" if "skipped" in error else "error"
     elif b.target is not None and complete:
-        value = ratio if b.target.kind == "ratio" else subj.median * 1e3
+        value = (ratio if b.target.kind == "ratio" else
+                 subj.median if b.target.kind == "max" else subj.median * 1e3)
         if value is None:
             status = "error"
         else:
@@ -208,6 +224,7 @@ def summarize(b: Benchmark, *, suite: str, names: list[str], samples: dict[str, 
     return {
         "name": b.name,
         "suite": suite,
+        "unit": b.unit,
         "description": b.description,
         "subject": b.subject,
         "reference": b.reference,

@@ -5,12 +5,16 @@ To add one: write a module with ``suite(ctx)`` (build fixtures, ``yield`` one
 and list it here. Suites run in this order unless ``--suite`` picks some.
 """
 
-from . import changes, mount, open_store, pull, register
+from . import changes, fs, mount, open_store, pull, register, snapshot
 
 SUITES = {
     "register": register.suite,
     "mount": mount.suite,
     "changes": changes.suite,
     "open_store": open_store.suite,
+    "fs": fs.suite,
     "pull": pull.suite,
+    "snapshot": snapshot.suite,
 }
+# Run once per layerfs driver (rows NAME[driver]); the others compare drivers inside one benchmark.
+PER_DRIVER = {"register", "mount", "changes", "open_store"}

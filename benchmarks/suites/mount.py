@@ -108,8 +108,9 @@ def suite(ctx):
             ],
             subject="layerfs create+mount+unmount",
             reference="kernel overlay mkdir+mount+umount",
-            target=Target.ms(10),
-            runs=31, quick_runs=5, warmup=2,
+            # a FUSE union starts a daemon per mount: issue 4's target for aufs is 400 ms
+            target=Target.ms(400) if ctx.driver == "aufs" else Target.ms(10),
+            runs=31 if ctx.driver != "aufs" else 11, quick_runs=5 if ctx.driver != "aufs" else 3, warmup=2,
             workload=workload,
             notes=["remove_container is outside the timed region",
                    "the reference is a floor (what the kernel alone costs), shown for context; "
@@ -161,8 +162,8 @@ def suite(ctx):
             ],
             subject="layerfs mount (CLI)",
             reference="python -c pass",
-            target=Target.ms(200),
-            runs=21, quick_runs=3, warmup=1,
+            target=None if ctx.driver == "aufs" else Target.ms(200),
+            runs=21 if ctx.driver != "aufs" else 7, quick_runs=3 if ctx.driver != "aufs" else 2, warmup=1,
             workload=workload,
             notes=["create_container before and unmount + remove_container after are untimed "
                    "(done in process on the same store, which stays open)",

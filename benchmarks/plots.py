@@ -1,0 +1,104 @@
+"""PNG plots next to results.md (matplotlib, Agg backend).
+
+One figure per suite: a panel per operation, a bar per system (layerfs drivers in
+blue/green shades, peers in orange/grey), height = median, whiskers = min–max of
+the measured rounds. Rows of per-driver suites (``register.tar[overlay2]``,
+``register.tar[aufs]``) share the panel of their operation. A panel whose bars
+differ by more than 30× uses a log scale.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_DRIVER_RE = re.compile(r"^(.*)\[([^\]]+)\]$")
+LAYERFS_COLORS = ["#1f77b4", "#2ca02c", "#17becf", "#9467bd"]
+PEER_COLORS = ["#ff7f0e", "#7f7f7f", "#d62728", "#8c564b", "#bcbd22", "#e377c2"]
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    m = _DRIVER_RE.match(name)
+    return (m.group(1), m.group(2)) if m else (name, None)
+
+
+def _panels(doc: dict) -> dict[str, dict[str, list]]:
+    """suite -> operation -> [(label, role, median, min, max, unit)]."""
+    out: dict[str, dict[str, list]] = {}
+    for r in doc["results"]:
+        base, driver = _split(r["name"])
+        suite = _split(r.get("suite") or base.split(".")[0])[0]
+        cs = {k: v for k, v in (r.get("contenders") or {}).items() if v.get("n")}
+        if not cs:
+            continue
+        bars = out.setdefault(suite, {}).setdefault(base, [])
+        seen = {b[0] for b in bars}
+        for name, c in cs.items():
+            label = f"{name} [{driver}]" if driver and c.get("role") == "layerfs" else name
+            if label in seen:
+                continue
+            seen.add(label)
+            bars.append((label, c.get("role"), c["median_s"], c["min_s"], c["max_s"], r.get("unit") or "s"))
+    return out
+
+
+def _scale(values: list[float], unit: str) -> tuple[float, str]:
+    if unit != "s":
+        return 1.0, unit
+    top = max(values) if values else 1.0
+    if top >= 1:
+        return 1.0, "s"
+    if top >= 1e-3:
+        return 1e3, "ms"
+    return 1e6, "µs"
+
+
+def write(doc: dict, out_dir: Path) -> list[dict]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    quick = " (QUICK smoke run: scaled-down inputs)" if doc.get("config", {}).get("quick") else ""
+    for suite, ops in _panels(doc).items():
+        ops = {k: v for k, v in ops.items() if v}
+        if not ops:
+            continue
+        n = len(ops)
+        cols = min(3, n)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        cmap: dict[str, str] = {}   # the same system has the same colour in every panel
+        for bars in ops.values():
+            for b in bars:
+                if b[0] not in cmap:
+                    pool = LAYERFS_COLORS if b[1] == "layerfs" else PEER_COLORS
+                    k = sum(1 for v in cmap.values() if v in pool)
+                    cmap[b[0]] = pool[k % len(pool)]
+        for ax, (op, bars) in zip(axes.flat, ops.items()):
+            scale, unit = _scale([b[4] for b in bars], bars[0][5])
+            colors = [cmap[b[0]] for b in bars]
+            med = [b[2] * scale for b in bars]
+            err = [[max(0.0, (b[2] - b[3]) * scale) for b in bars], [max(0.0, (b[4] - b[2]) * scale) for b in bars]]
+            x = range(len(bars))
+            ax.bar(x, med, color=colors, yerr=err, capsize=3, edgecolor="black", linewidth=0.4)
+            ax.set_xticks(list(x))
+            ax.set_xticklabels([b[0] for b in bars], rotation=30, ha="right", fontsize=7)
+            ax.set_title(op, fontsize=9)
+            ax.set_ylabel(f"median ({unit})", fontsize=8)
+            pos = [m for m in med if m > 0]
+            if pos and max(pos) / min(pos) > 30:
+                ax.set_yscale("log")
+            for xi, m in zip(x, med):
+                ax.annotate(f"{m:.3g}", (xi, m), ha="center", va="bottom", fontsize=6,
+                            xytext=(0, 2), textcoords="offset points")
+            ax.tick_params(axis="y", labelsize=7)
+        fig.suptitle(f"{suite}: median, whiskers min–max{quick}", fontsize=10)
+        fig.tight_layout()
+        fname = f"plot-{suite}.png"
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        written.append({"suite": suite, "file": fname, "title": f"{suite}: grouped bars per operation"})
+    return written
