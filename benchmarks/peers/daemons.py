@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from .. import mounts
 from . import missing, which
 
 PR_SET_PDEATHSIG = 1
+_bridges = itertools.count()
 START_TIMEOUT = 40.0
 
 
@@ -159,7 +161,9 @@ class Dockerd(_Daemon):
     def __init__(self, base: Path, storage_driver: str = "overlay2"):
         super().__init__(base)
         self.storage_driver = storage_driver
-        self.bridge = f"lfsb{os.getpid() % 100000}"
+        n = next(_bridges) % 50
+        self.bridge = f"lfsb{os.getpid() % 100000}x{n}"
+        self.subnet = f"172.31.{200 + n}.1/24"
         self._bridge_made = False
 
     @property
@@ -180,7 +184,7 @@ class Dockerd(_Daemon):
         if r.returncode != 0:
             raise DaemonFailed(f"cannot create bridge {self.bridge}: {r.stderr.strip()}")
         self._bridge_made = True
-        subprocess.run(["ip", "addr", "add", "172.31.254.1/24", "dev", self.bridge], capture_output=True)
+        subprocess.run(["ip", "addr", "add", self.subnet, "dev", self.bridge], capture_output=True)
         subprocess.run(["ip", "link", "set", self.bridge, "up"], capture_output=True)
 
     def command(self) -> list[str]:

@@ -23,9 +23,18 @@ Contenders, alternated round by round, each layerfs round into a fresh store
                                no download) vs ``tar -xzf``; reported
 - ``pull.docker-archive``      pull of the docker-archive (uncompressed layers read
                                in place) vs ``tar -xf`` of the same layer tars; ≤ 1.3×
-- ``pull.docker`` / ``pull.docker-load``  layerfs vs ``docker pull`` / ``docker load``
-                               of the same image (≤ 0.6×), only when ``docker info``
-                               succeeds; skipped otherwise
+- ``pull.docker``              layerfs vs ``docker pull`` of the same image from the
+                               local registry (dockerd with overlay2, and with
+                               fuse-overlayfs); target ≤ 0.6× the overlay2 one
+- ``pull.docker-load``         layerfs pull of the docker-archive vs ``docker load``
+                               (overlay2, fuse-overlayfs) and ``ctr image import``
+                               (containerd, overlayfs snapshotter, unpacked); ≤ 0.6×
+                               ``docker load`` (overlay2)
+
+The peers' daemons are private (:mod:`benchmarks.peers.daemons`: own socket and
+data dir under the work dir, nothing on the network), started for this suite and
+stopped by PID at its end; a peer not installed or failing to start is left out
+with the reason. The peer's image is removed after each round (untimed).
 
 Each layerfs way of pulling is verified once, in its first (untimed, warm-up)
 round: the image's rootfs is mounted and compared with the expected tree (type,
@@ -44,6 +53,7 @@ from pathlib import Path
 
 from .. import image as bench_image
 from .. import registry as bench_registry
+from .. import peers as bench_peers
 from .. import synth
 from ..machine import _first_line as _tool_version
 from ..runner import Benchmark, Contender, SkipBenchmark, Target, stopwatch
@@ -188,44 +198,82 @@ def _tar_contender(ctx, paths: list[Path], gz: bool) -> Contender:
     return Contender(label, once, role="reference", info=info)
 
 
-def _dockerd() -> str | None:
-    """None when a working dockerd answers; otherwise why not."""
-    if not shutil.which("docker"):
-        return "no dockerd (docker CLI not installed)"
-    try:
-        r = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
-                           text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"no dockerd (`docker info`: {e})"
-    if r.returncode != 0 or not r.stdout.strip():
-        why = " ".join((r.stderr or r.stdout).split())[:160]
-        return f"no dockerd (`docker info` failed: {why})"
-    return None
+def _start_peers(ctx) -> tuple[dict, dict[str, str]]:
+    """Private daemons: {label: daemon} and {label: why it is left out}."""
+    from ..peers.daemons import Containerd, DaemonFailed, Dockerd
+
+    daemons, why = {}, {}
+    plan = [("docker overlay2", "docker", lambda base: Dockerd(base, "overlay2")),
+            ("docker fuse-overlayfs", "docker", lambda base: Dockerd(base, "fuse-overlayfs")),
+            ("containerd", "containerd", lambda base: Containerd(base))]
+    for label, peer, make in plan:
+        if not ctx.peer_wanted(peer):
+            why[label] = "not selected (--peers)"
+            continue
+        miss = bench_peers.missing(peer)
+        if label == "docker fuse-overlayfs" and not miss:
+            miss = bench_peers.missing("fuse-overlayfs")
+        if miss:
+            why[label] = miss
+            continue
+        try:
+            daemons[label] = make(ctx.scratch(label.replace(" ", "-"))).start()
+        except DaemonFailed as e:
+            why[label] = f"failed to start here: {e}"
+    return daemons, why
 
 
-def _docker_rmi(ref: str) -> None:
-    subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
-
-
-def _docker_contender(kind: str, ref: str, archive: Path) -> Contender:
+def _docker_contender(kind: str, ref: str, archive: Path, daemon, label: str) -> Contender:
     """``docker pull REF`` or ``docker load -i ARCHIVE``; the image is removed (untimed) after each."""
     local = REPO if kind == "load" else ref
-    cmd = ["docker", "pull", "-q", ref] if kind == "pull" else ["docker", "load", "-q", "-i", str(archive)]
+    docker = daemon.docker
+    cmd = docker + (["pull", "-q", ref] if kind == "pull" else ["load", "-q", "-i", str(archive)])
+
+    def rmi():
+        subprocess.run(docker + ["rmi", "-f", local], capture_output=True)
 
     def once() -> float:
-        _docker_rmi(local)
+        rmi()
         try:
             with stopwatch() as t:
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         finally:
-            _docker_rmi(local)
+            rmi()
             os.sync()
         return t.elapsed
 
-    version = _tool_version(["docker", "version", "--format", "{{.Server.Version}}"])
-    return Contender(f"docker {kind}", once, role="reference",
-                     info={"command": " ".join(cmd), "dockerd": version,
-                           "note": "dockerd's data root is its own filesystem; see `docker info`"})
+    return Contender(f"{label.replace('docker', 'docker ' + kind, 1)}", once, role="reference",
+                     info={"command": " ".join(["docker", kind] + cmd[len(docker) + 1:]),
+                           "dockerd": bench_peers.version("docker"), "storage_driver": daemon.storage_driver,
+                           "pid": daemon.pid, "data_root": str(daemon.base / "root")})
+
+
+def _ctr_import_contender(daemon, archive: Path) -> Contender:
+    """``ctr images import ARCHIVE`` (unpacks into the overlayfs snapshotter); removed (--sync) untimed."""
+    ctr = daemon.ctr
+
+    def clean():
+        names = subprocess.run(ctr + ["images", "ls", "-q"], capture_output=True, text=True).stdout.split()
+        if names:
+            subprocess.run(ctr + ["images", "rm", "--sync", *names], capture_output=True)
+        left = subprocess.run(ctr + ["snapshots", "ls"], capture_output=True, text=True).stdout.strip().splitlines()
+        if len(left) > 1:
+            raise RuntimeError(f"ctr images rm --sync left {len(left) - 1} snapshot(s)")
+
+    def once() -> float:
+        clean()
+        try:
+            with stopwatch() as t:
+                subprocess.run(ctr + ["images", "import", str(archive)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            clean()
+            os.sync()
+        return t.elapsed
+
+    return Contender("ctr image import", once, role="reference",
+                     info={"command": "ctr images import ARCHIVE (unpack to overlayfs)",
+                           "containerd": bench_peers.version("containerd"), "pid": daemon.pid})
 
 
 def _skipped(reason: str):
@@ -275,6 +323,7 @@ def suite(ctx):
     built = bench_image.cached(spec, ctx.cache_dir, log=_log)
     meta = built.meta
     reg = None
+    started = []
     try:
         reg = bench_registry.start(ctx.scratch("registry"))
         _log(f"[pull] registry {reg.version or ''} on {reg.host} (pid {reg.pid}); pushing the image")
@@ -363,29 +412,42 @@ def suite(ctx):
             between_rounds=warm_archive,
         )
 
-        no_docker = _dockerd()
-        if no_docker:
-            d_pull = Contender("docker pull", _skipped(no_docker), role="reference")
-            d_load = Contender("docker load", _skipped(no_docker), role="reference")
-        else:
-            d_pull = _docker_contender("pull", f"{reg.host}/{REPO}", archive)
-            d_load = _docker_contender("load", f"{reg.host}/{REPO}", archive)
+        daemons, why_not = _start_peers(ctx)
+        started.extend(daemons.values())
+        peer_notes = [f"{k} left out: {v}" for k, v in why_not.items()]
+        peer_notes += [f"{d.name} (pid {d.pid}) on a private socket and data dir under the run's work dir; "
+                       "stopped by PID at the end of the suite" for d in daemons.values()]
+        d_pulls = [_docker_contender("pull", f"{reg.host}/{REPO}", archive, daemons[k], k)
+                   for k in ("docker overlay2", "docker fuse-overlayfs") if k in daemons]
+        loads = [_docker_contender("load", f"{reg.host}/{REPO}", archive, daemons[k], k)
+                 for k in ("docker overlay2", "docker fuse-overlayfs") if k in daemons]
+        if "containerd" in daemons:
+            loads.append(_ctr_import_contender(daemons["containerd"], archive))
+        if not d_pulls:
+            d_pulls = [Contender("docker pull", _skipped("; ".join(peer_notes) or "no docker"), role="reference")]
+        if not loads:
+            loads = [Contender("docker load", _skipped("; ".join(peer_notes) or "no docker/containerd"),
+                               role="reference")]
         yield Benchmark(
             name="pull.docker",
             description="layerfs pull vs `docker pull` of the same image from the local registry",
-            contenders=[d_pull, reg_par] if no_docker else [reg_par, d_pull],
-            subject=reg_par.name, reference=d_pull.name, target=Target.ratio(0.6),
-            runs=7, quick_runs=2, workload=workload, notes=[CACHE_NOTE],
+            contenders=[reg_par] + d_pulls,
+            subject=reg_par.name, reference=d_pulls[0].name, target=Target.ratio(0.6),
+            runs=7, quick_runs=2, workload=workload, notes=[CACHE_NOTE] + peer_notes,
             between_rounds=warm_registry,
         )
         yield Benchmark(
             name="pull.docker-load",
-            description="layerfs pull of the docker-archive vs `docker load` of it",
-            contenders=[d_load, arc] if no_docker else [arc, d_load],
-            subject=arc.name, reference=d_load.name, target=Target.ratio(0.6),
-            runs=7, quick_runs=2, workload=workload, notes=[CACHE_NOTE],
+            description="layerfs pull of the docker-archive vs `docker load` / `ctr image import` of it",
+            contenders=[arc] + loads,
+            subject=arc.name, reference=loads[0].name, target=Target.ratio(0.6),
+            runs=7, quick_runs=2, workload=workload,
+            notes=[CACHE_NOTE, "ratio and target are against the first peer (docker load, overlay2); "
+                   "every peer's figure is in the every-contender table"] + peer_notes,
             between_rounds=warm_archive,
         )
     finally:
+        for d in started:
+            d.stop()
         if reg is not None:
             reg.stop()
