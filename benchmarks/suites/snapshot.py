@@ -200,7 +200,7 @@ def suite(ctx):
                 ctr_skip = f"containerd failed here: {e} {err.strip()[-300:]}"
         if ctr_skip:
             notes.append(f"ctr left out: {ctr_skip}")
-        subject = "layerfs aufs" if "aufs" in ctx.drivers else f"layerfs {ctx.drivers[0]}"
+        subject = f"layerfs {ctx.drivers[0]}"  # the default driver (overlay2 here): the same kernel overlay as the snapshotter
         reference = "ctr snapshots (overlayfs)" if ctr_skip is None else None
         what = {"prepare": "create+mount vs prepare+mounts+mount(2)",
                 "commit": "unmount+commit vs umount(2)+commit",
