@@ -61,7 +61,8 @@ def write(doc: dict, out_dir: Path) -> list[dict]:
     written = []
     quick = " (QUICK smoke run: scaled-down inputs)" if doc.get("config", {}).get("quick") else ""
     for suite, ops in _panels(doc).items():
-        ops = {k: v for k, v in ops.items() if v}
+        # layerfs drivers first, then the peers, each group in measurement order
+        ops = {k: sorted(v, key=lambda b: b[1] != "layerfs") for k, v in ops.items() if v}
         if not ops:
             continue
         n = len(ops)
