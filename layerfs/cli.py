@@ -265,7 +265,7 @@ def _global_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
         return argparse.SUPPRESS if after_command else value
 
     parser.add_argument("--root", default=default(None), help=f"store directory (default: $LAYERFS_ROOT or {DEFAULT_ROOT})")
-    parser.add_argument("--driver", default=default("auto"), help="storage driver: auto (default) or overlay2")
+    parser.add_argument("--driver", default=default("auto"), help="storage driver: auto (default), overlay2, aufs or devicemapper")
     parser.add_argument(
         "--storage-opt", action="append", default=default([]), metavar="KEY=VALUE", help="driver option (repeatable)"
     )

@@ -31,8 +31,9 @@ from __future__ import annotations
 import abc
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Mapping
+from typing import BinaryIO, ClassVar, Iterator, Mapping
 
 from .. import archive
 from ..changes import Change, tree_changes
@@ -157,29 +158,25 @@ class Driver(abc.ABC):
             archive.export_tree_entries(exporter, str(new), ((c.kind, c.path[1:]) for c in found))
             return exporter.close()
 
-    def _views(self, id: str, parent: str | None):
-        driver = self
+    @contextmanager
+    def _views(self, id: str, parent: str | None) -> Iterator[tuple[Path, Path | None]]:
+        """The container's view and its parent's read-only view, mounted for the block.
 
-        class _Views:
-            def __enter__(self):
-                self.was = driver.is_mounted(id)
-                self.parent_was = parent is not None and driver.is_mounted(parent)
-                new = driver.get(id)
-                try:
-                    old = None if parent is None else driver.get(parent, readonly=True)
-                except BaseException:
-                    if not self.was:
-                        driver.put(id)
-                    raise
-                return new, old
-
-            def __exit__(self, *exc):
-                if parent is not None and not self.parent_was:
-                    driver.put(parent)
-                if not self.was:
-                    driver.put(id)
-
-        return _Views()
+        Mounts that were already there (a user's) are left as they were.
+        """
+        was_mounted = self.is_mounted(id)
+        parent_was_mounted = parent is not None and self.is_mounted(parent)
+        new = self.get(id)
+        try:
+            old = None if parent is None else self.get(parent, readonly=True)
+            try:
+                yield new, old
+            finally:
+                if parent is not None and not parent_was_mounted:
+                    self.put(parent)
+        finally:
+            if not was_mounted:
+                self.put(id)
 
 
 def registry() -> dict[str, type[Driver]]:
