@@ -14,6 +14,7 @@ import errno
 import os
 import platform
 import re
+import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -103,6 +104,28 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | Non
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(os.fsencode(target), flags), f"umount({target})")
+
+
+def unmount_retrying(path: str) -> None:
+    """Unmount *path* if mounted; on EBUSY retry briefly, then detach lazily.
+
+    Why lazy at the end: a shell sitting in the directory must not make
+    removal fail; the kernel frees the mount when its last user goes.
+    """
+    for attempt in range(5):
+        if not is_mountpoint(path):
+            return
+        try:
+            umount(path)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return
+            if exc.errno != errno.EBUSY:
+                raise
+            if attempt == 4:
+                umount(path, MNT_DETACH)
+                return
+            time.sleep(0.01 * (attempt + 1))
 
 
 def is_mountpoint(path: str) -> bool:

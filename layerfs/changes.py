@@ -56,29 +56,30 @@ def with_ancestors(raw: dict[str, str]) -> list[Change]:
     return sorted(Change(p, k) for p, k in out.items())
 
 
-def _scan(path: str) -> dict[str, os.DirEntry]:
+def scan_dir(path: str) -> dict[str, os.DirEntry]:
     with os.scandir(path) as it:
         return {e.name: e for e in it}
 
 
-def _add_tree(raw: dict[str, str], root: str, rel: str) -> None:
-    for entry in _scan(root + rel).values():
+def add_tree(raw: dict[str, str], root: str, rel: str) -> None:
+    """Mark everything below root+rel as added ("A")."""
+    for entry in scan_dir(root + rel).values():
         child = rel + "/" + entry.name
         raw[child] = "A"
         if entry.is_dir(follow_symlinks=False):
-            _add_tree(raw, root, child)
+            add_tree(raw, root, child)
 
 
 def tree_changes(new_root: str, old_root: str | None) -> list[Change]:
     """Compare the tree at *new_root* against *old_root* (None: an empty tree)."""
     raw: dict[str, str] = {}
     if old_root is None:
-        _add_tree(raw, new_root, "")
+        add_tree(raw, new_root, "")
         return with_ancestors(raw)
 
     def walk(rel: str) -> None:
-        new = _scan(new_root + rel)
-        old = _scan(old_root + rel)
+        new = scan_dir(new_root + rel)
+        old = scan_dir(old_root + rel)
         for name, entry in new.items():
             child = rel + "/" + name
             other = old.get(name)
@@ -86,7 +87,7 @@ def tree_changes(new_root: str, old_root: str | None) -> list[Change]:
             if other is None:
                 raw[child] = "A"
                 if stat.S_ISDIR(new_st.st_mode):
-                    _add_tree(raw, new_root, child)
+                    add_tree(raw, new_root, child)
                 continue
             old_st = other.stat(follow_symlinks=False)
             if stat_differs(old_st, new_st) or (
@@ -95,7 +96,7 @@ def tree_changes(new_root: str, old_root: str | None) -> list[Change]:
                 raw[child] = "C"
                 if stat.S_ISDIR(old_st.st_mode) != stat.S_ISDIR(new_st.st_mode):
                     if stat.S_ISDIR(new_st.st_mode):
-                        _add_tree(raw, new_root, child)
+                        add_tree(raw, new_root, child)
                     continue
             if stat.S_ISDIR(new_st.st_mode) and stat.S_ISDIR(old_st.st_mode):
                 walk(child)
@@ -163,7 +164,7 @@ class OverlayLowers:
         hidden: set[str] = set()
         for i in self._stack(rel):
             try:
-                entries = _scan(self.layer_dirs[i] + rel)
+                entries = scan_dir(self.layer_dirs[i] + rel)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for name, entry in entries.items():
@@ -188,7 +189,7 @@ def walk_upper(upper: str) -> Iterator[tuple[str, os.DirEntry, os.stat_result]]:
     """Every entry of an upper dir, parents before children, siblings sorted by name."""
 
     def walk(rel: str) -> Iterator[tuple[str, os.DirEntry, os.stat_result]]:
-        entries = _scan(upper + rel)
+        entries = scan_dir(upper + rel)
         for name in sorted(entries):
             entry = entries[name]
             st = entry.stat(follow_symlinks=False)

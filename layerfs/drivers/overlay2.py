@@ -27,7 +27,6 @@ import secrets
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -354,22 +353,7 @@ class Overlay2Driver(Driver):
             raise OSError(errno.EINVAL, f"overlay mount of {id} failed: {proc.stderr.strip()}")
 
     def put(self, id: str) -> None:
-        merged = str(self._dir(id) / "merged")
-        for attempt in range(20):
-            if not _mountapi.is_mountpoint(merged):
-                return
-            try:
-                _mountapi.umount(merged)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    return
-                if exc.errno != errno.EBUSY:
-                    raise
-                if attempt >= 4:
-                    # Still busy: detach it now; the kernel frees it when the last user goes.
-                    _mountapi.umount(merged, _mountapi.MNT_DETACH)
-                    return
-                time.sleep(0.01 * (attempt + 1))
+        _mountapi.unmount_retrying(str(self._dir(id) / "merged"))
 
     def status(self) -> dict:
         info = {k: v for k, v in self.features.items() if k != "kernel"}

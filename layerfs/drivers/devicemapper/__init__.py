@@ -575,21 +575,7 @@ class DevicemapperDriver(Driver):
         _mountapi.mount(dev_path, str(target), self.cfg.fs, _mountapi.MS_RDONLY if readonly else 0, ",".join(opts) or None)
 
     def _umount(self, target: Path) -> None:
-        mp = str(target)
-        for attempt in range(20):
-            if not _mountapi.is_mountpoint(mp):
-                return
-            try:
-                _mountapi.umount(mp)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    return
-                if exc.errno != errno.EBUSY:
-                    raise
-                if attempt >= 4:
-                    _mountapi.umount(mp, _mountapi.MNT_DETACH)
-                    return
-                time.sleep(0.01 * (attempt + 1))
+        _mountapi.unmount_retrying(str(target))
 
     # -- the base device --------------------------------------------------------
     def _make_base(self, meta: dict) -> None:

@@ -13,23 +13,9 @@ without its directory's ctime changing).
 
 from __future__ import annotations
 
-import os
 import stat
 
-from ...changes import Change, stat_differs, tree_changes, with_ancestors
-
-
-def _scan(path: str) -> dict[str, os.DirEntry]:
-    with os.scandir(path) as it:
-        return {e.name: e for e in it}
-
-
-def _add_tree(raw: dict[str, str], root: str, rel: str) -> None:
-    for entry in _scan(root + rel).values():
-        child = rel + "/" + entry.name
-        raw[child] = "A"
-        if entry.is_dir(follow_symlinks=False):
-            _add_tree(raw, root, child)
+from ...changes import Change, add_tree, scan_dir, stat_differs, tree_changes, with_ancestors
 
 
 def snapshot_changes(new_root: str, old_root: str | None) -> list[Change]:
@@ -39,8 +25,8 @@ def snapshot_changes(new_root: str, old_root: str | None) -> list[Change]:
     raw: dict[str, str] = {}
 
     def walk(rel: str) -> None:
-        new = _scan(new_root + rel)
-        old = _scan(old_root + rel)
+        new = scan_dir(new_root + rel)
+        old = scan_dir(old_root + rel)
         for name, entry in new.items():
             child = rel + "/" + name
             other = old.get(name)
@@ -48,7 +34,7 @@ def snapshot_changes(new_root: str, old_root: str | None) -> list[Change]:
             if other is None:
                 raw[child] = "A"
                 if stat.S_ISDIR(new_st.st_mode):
-                    _add_tree(raw, new_root, child)
+                    add_tree(raw, new_root, child)
                 continue
             old_st = other.stat(follow_symlinks=False)
             untouched = old_st.st_ino == new_st.st_ino and old_st.st_ctime_ns == new_st.st_ctime_ns
@@ -56,7 +42,7 @@ def snapshot_changes(new_root: str, old_root: str | None) -> list[Change]:
                 raw[child] = "C"
                 if stat.S_ISDIR(old_st.st_mode) != stat.S_ISDIR(new_st.st_mode):
                     if stat.S_ISDIR(new_st.st_mode):
-                        _add_tree(raw, new_root, child)
+                        add_tree(raw, new_root, child)
                     continue
             if stat.S_ISDIR(new_st.st_mode) and stat.S_ISDIR(old_st.st_mode):
                 walk(child)
