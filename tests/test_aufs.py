@@ -127,6 +127,47 @@ def test_same_layer_whiteout_and_directory_is_opaque(drv):
     assert os.listdir(view / "lib") == ["fresh"]
 
 
+def test_cached_listings_follow_every_change(drv):
+    """The kernel caches directory listings (FOPEN_CACHE_DIR): each change through the mount must show."""
+    layer(drv, "l1", None, _base())
+    layer(drv, "l2", "l1", _upper())
+    mp = container(drv, "c", "l2")
+
+    def ls(rel=""):
+        with os.scandir(mp / rel if rel else mp) as it:
+            return sorted(e.name for e in it)
+
+    for _ in range(2):  # the second listing comes from the kernel's cache
+        assert ls("etc") == ["new", "passwd"]
+        assert ls("lib") == ["only"]
+    (mp / "etc" / "made").write_bytes(b"m")
+    assert ls("etc") == ["made", "new", "passwd"]
+    (mp / "etc" / "passwd").unlink()
+    assert ls("etc") == ["made", "new"]
+    os.rename(mp / "etc" / "made", mp / "lib" / "moved")
+    assert ls("etc") == ["new"] and ls("lib") == ["moved", "only"]
+    (mp / "keep" / "k").write_bytes(b"copied up")  # copy-up changes no listing
+    assert ls("keep") == ["k"]
+    os.mkdir(mp / "keep" / "d")
+    os.link(mp / "keep" / "k", mp / "etc" / "k2")
+    os.symlink("k", mp / "keep" / "s")
+    os.mknod(mp / "keep" / "fifo", stat.S_IFIFO | 0o600)
+    assert ls("keep") == ["d", "fifo", "k", "s"] and ls("etc") == ["k2", "new"]
+    os.rmdir(mp / "keep" / "d")
+    shutil.rmtree(mp / "lib")
+    assert ls("keep") == ["fifo", "k", "s"] and ls() == ["etc", "keep"]
+    os.mkdir(mp / "lib")
+    assert ls("lib") == [] and ls() == ["etc", "keep", "lib"]
+    # a second handle open across a change sees it after rewinding
+    fd = os.open(mp / "etc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert sorted(os.listdir(fd)) == ["k2", "new"]
+        (mp / "etc" / "late").write_bytes(b"")
+        assert sorted(os.listdir(fd)) == ["k2", "late", "new"]
+    finally:
+        os.close(fd)
+
+
 def test_reserved_names_cannot_be_created(drv):
     layer(drv, "l1", None, _base())
     mp = container(drv, "c", "l1")

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from .fs import UnionOps
 
     ops = UnionOps(args.branches, writable=not args.readonly)
+    from . import _dircache
+
+    if not _dircache.install(ops.is_dir_handle):
+        log.info("the kernel will not cache directory listings")
     options = {
         f"fsname={args.fsname}",
         "subtype=layerfs-aufs",

@@ -97,7 +97,7 @@ class UnionOps(pyfuse3.Operations):
         self.by_key: dict[tuple[int, int], int] = {}
         self.next_ino = ROOT_INODE + 1
         self.handles: dict[int, Handle] = {}
-        self.dirs: dict[int, tuple[Node, str, list[tuple[str, int]]]] = {}
+        self.dirs: dict[int, list] = {}  # fh -> [node, rel, sorted (name, branch)] (read lazily)
         self.next_fh = 1
 
     # -- the node table ----------------------------------------------------------
@@ -644,21 +644,32 @@ class UnionOps(pyfuse3.Operations):
         self._maybe_drop(h.node)
 
     # -- directories ------------------------------------------------------------------------
+    def is_dir_handle(self, fh: int) -> bool:
+        """True for opendir's handles: their replies ask the kernel to cache the listing (_dircache)."""
+        return fh in self.dirs
+
     @_errors
     async def opendir(self, inode, ctx):
         node = self._node(inode)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        rel = self._path(node)
-        entries = sorted(self.u.entries(rel).items())
         fh = self.next_fh
         self.next_fh += 1
-        self.dirs[fh] = (node, rel, entries)
+        # The listing is read at the first readdir: when the kernel still
+        # holds it in its cache (_dircache) no readdir comes at all.
+        self.dirs[fh] = [node, None, None]
         return fh
+
+    def _listing(self, fh: int) -> tuple[Node, str, list[tuple[str, int]]]:
+        d = self.dirs[fh]
+        if d[2] is None:
+            d[1] = self._path(d[0])
+            d[2] = sorted(self.u.entries(d[1]).items())
+        return d
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        node, rel, entries = self.dirs[fh]
+        node, rel, entries = self._listing(fh)
         pos = start_id
         if pos == 0:
             st, merged = self._stat(node)
@@ -691,7 +702,8 @@ class UnionOps(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         if not self.writable:
             return
-        node, rel, _ = self.dirs[fh]
+        node = self.dirs[fh][0]
+        rel = self._path(node)
         path = self.u.branches[0] + rel or "/"
         if os.path.isdir(path):
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
