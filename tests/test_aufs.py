@@ -168,6 +168,38 @@ def test_cached_listings_follow_every_change(drv):
         os.close(fd)
 
 
+def test_new_entries_belong_to_the_caller(drv):
+    """Owner of new entries: the caller's ids, the group of a setgid directory (root or not)."""
+    layer(drv, "l1", None, _base())
+    mp = container(drv, "c", "l1")
+    os.mkdir(mp / "open", 0o777)
+    os.chmod(mp / "open", 0o777)
+    os.mkdir(mp / "sg", 0o777)
+    os.chown(mp / "sg", 0, 50)
+    os.chmod(mp / "sg", 0o2777)
+    for d in ("open", "sg"):
+        # cwd: the user could not walk down to the mount point (0700 directories above it)
+        subprocess.run(["/bin/sh", "-c", "touch f && mkdir d && ln -s f l"],
+                       check=True, user=1000, group=1001, extra_groups=[], cwd=mp / d)
+    for name in ("f", "d", "l"):
+        st = os.lstat(mp / "open" / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1001), name
+        st = os.lstat(mp / "sg" / name)
+        assert (st.st_uid, st.st_gid) == (1000, 50), name
+    assert os.lstat(mp / "sg" / "d").st_mode & stat.S_ISGID
+    os.mkdir(mp / "sg" / "root")
+    (mp / "sg" / "rootf").write_bytes(b"")
+    for name in ("root", "rootf"):
+        st = os.lstat(mp / "sg" / name)
+        assert (st.st_uid, st.st_gid) == (0, 50), name
+    (mp / "open" / "rootf").write_bytes(b"")
+    st = os.lstat(mp / "open" / "rootf")
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    # what the branch holds is what the mount shows
+    st = os.lstat(Path(drv.home) / "c" / "diff" / "sg" / "f")
+    assert (st.st_uid, st.st_gid) == (1000, 50)
+
+
 def test_reserved_names_cannot_be_created(drv):
     layer(drv, "l1", None, _base())
     mp = container(drv, "c", "l1")

@@ -99,6 +99,7 @@ class UnionOps(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, list] = {}  # fh -> [node, rel, sorted (name, branch)] (read lazily)
         self.next_fh = 1
+        self.euid, self.egid = os.geteuid(), os.getegid()
 
     # -- the node table ----------------------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -171,6 +172,8 @@ class UnionOps(pyfuse3.Operations):
     def _maybe_drop(self, node: Node) -> None:
         if node.ino == ROOT_INODE or node.links or node.lookups > 0 or node.opens > 0:
             return
+        if node.hidden and node.key is not None:
+            return  # the other names of a lower hardlinked file still count the deleted ones
         del self.nodes[node.ino]
         if node.key is not None and self.by_key.get(node.key) == node.ino:
             del self.by_key[node.key]
@@ -280,11 +283,21 @@ class UnionOps(pyfuse3.Operations):
         self._set_key(node, new_st)
         return rel
 
-    def _own(self, path: str, parent_rel: str, ctx, mode: int | None) -> None:
-        """New entries belong to the caller (the group of a setgid directory)."""
+    def _own(self, path: str | int, parent_rel: str, ctx, mode: int | None) -> None:
+        """New entries belong to the caller (the group of a setgid directory).
+
+        *path* is the new entry (or an open descriptor of it).  The daemon
+        makes it with its own ids, which the kernel already gives the setgid
+        directory's group: when the caller has the daemon's ids nothing is left to do.
+        """
+        if ctx.uid == self.euid and ctx.gid == self.egid:
+            return
         pst = os.lstat(self.u.branches[0] + parent_rel or "/")
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
-        os.lchown(path, ctx.uid, gid)
+        if isinstance(path, int):
+            os.fchown(path, ctx.uid, gid)
+        else:
+            os.lchown(path, ctx.uid, gid)
         if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
             os.chmod(path, stat.S_IMODE(mode))  # chown cleared them
 
@@ -391,25 +404,31 @@ class UnionOps(pyfuse3.Operations):
 
     # -- creating ------------------------------------------------------------------------
     def _prepare_create(self, parent_inode, name) -> tuple[Node, str, str, str]:
+        parent, n, prel, whited = self._prepare_new(parent_inode, name)
+        return parent, n, prel, prel + "/" + n
+
+    def _prepare_new(self, parent_inode, name) -> tuple[Node, str, str, bool]:
+        """(parent node, name, parent rel, a whiteout of the name is in the upper branch) for a new entry."""
         self._check_writable()
         n = self._new_name(name)
         parent = self._node(parent_inode)
         prel = self._path(parent)
-        if self.u.lookup(prel, n) is not None:
+        visible, whited = self.u.probe_new(prel, n)
+        if visible:
             raise FUSEError(errno.EEXIST)
         self.u.copy_up_dir(prel)  # type: ignore[attr-defined]
-        rel = prel + "/" + n
-        return parent, n, prel, rel
+        return parent, n, prel, whited
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        parent, n, prel, rel = self._prepare_create(parent_inode, name)
-        path = self.u.branches[0] + rel
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | (flags & (os.O_SYNC | os.O_DSYNC)),
+        parent, n, prel, whited = self._prepare_new(parent_inode, name)
+        fd = os.open(self.u.branches[0] + prel + "/" + n,
+                     os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | (flags & (os.O_SYNC | os.O_DSYNC)),
                      stat.S_IMODE(mode))
         try:
-            self._own(path, prel, ctx, mode)
-            self.u.drop_whiteout(prel, n)  # type: ignore[attr-defined]
+            self._own(fd, prel, ctx, mode)
+            if whited:
+                self.u.drop_whiteout(prel, n)  # type: ignore[attr-defined]
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -715,8 +734,16 @@ class UnionOps(pyfuse3.Operations):
     # -- xattrs -----------------------------------------------------------------------------
     @_errors
     async def getxattr(self, inode, name, ctx):
+        # Asked before every write (security.capability): try the branch the
+        # node is known in before resolving it again.
+        node = self._node(inode)
         try:
-            return os.getxattr(self._real(self._node(inode)), name, follow_symlinks=False)
+            if not node.is_dir and node.links:
+                try:
+                    return os.getxattr(self.u.branches[node.branch] + self._path(node), name, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+            return os.getxattr(self._real(node), name, follow_symlinks=False)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None

@@ -124,6 +124,18 @@ class Union:
                 return None
         return None
 
+    def probe_new(self, parent: str, name: str) -> tuple[bool, bool]:
+        """(visible, whited out in the top branch) of parent/name: what creating it must know."""
+        if whiteout.is_reserved_name(name) or name in ("", ".", ".."):
+            return False, False
+        for i in self.dir_stack(parent):
+            base = self.branches[i] + parent + "/"
+            if _lexists(base + name):
+                return True, False
+            if _lexists(base + WH + name):
+                return False, i == 0
+        return False, False
+
     def lstat(self, rel: str) -> os.stat_result | None:
         """The visible entry at *rel* ("/a/b"), or None."""
         if rel == "":
