@@ -18,11 +18,13 @@ import errno
 import fcntl
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 _TMP = ".tmp-"
+TMP_GRACE_SECONDS = 60
 
 
 class Intents:
@@ -60,6 +62,12 @@ class Intents:
             raise
         return fd
 
+    def _old(self, name: str) -> bool:
+        try:
+            return time.time() - os.lstat(self.dir / name).st_mtime > TMP_GRACE_SECONDS
+        except FileNotFoundError:
+            return False
+
     def active(self) -> set[str]:
         """Keys whose owner is still running."""
         live = set()
@@ -90,6 +98,10 @@ class Intents:
         """Repair and drop every intent left by a dead process; returns their keys."""
         reaped = []
         for name in os.listdir(self.dir):
+            if name.startswith(_TMP) and not self._old(name):
+                # Between its creation and its flock a live owner's temporary
+                # file is unlocked for an instant: only old ones are leftovers.
+                continue
             fd = self._try_lock(name)
             if fd is None:
                 continue

@@ -109,3 +109,18 @@ def test_a_concurrent_registration_of_the_same_prefix_is_retried(tmp_path):
         assert store.check() == []
         known = {l.cache_id for l in store.layers()}
         assert store.driver.ids() == known
+
+
+def test_reaping_spares_a_fresh_unlocked_intent_of_a_live_process(tmp_path):
+    # A live owner creates its temporary intent file, then locks it: in
+    # between, another process opening the store must not take it for a leftover.
+    from layerfs._intents import TMP_GRACE_SECONDS, Intents
+
+    intents = Intents(tmp_path / "intents")
+    fresh = intents.dir / ".tmp-abc-1234"
+    fresh.touch()
+    assert intents.reap(lambda key: None) == [] and fresh.exists()
+    old = os.stat(fresh).st_mtime - TMP_GRACE_SECONDS - 1
+    os.utime(fresh, (old, old))
+    intents.reap(lambda key: None)
+    assert not fresh.exists()
