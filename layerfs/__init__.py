@@ -16,7 +16,18 @@ from .errors import (
     LayerfsError,
     NotFound,
 )
-from .graph import Container, Layer, LayerStore, open_store
+
+_LAZY = {"Container", "Layer", "LayerStore", "open_store"}
+
+
+def __getattr__(name: str):
+    # Why lazy: the graph pulls in the drivers, archive code and zstandard;
+    # a FUSE daemon or a CLI call that never opens a store should not pay for it.
+    if name in _LAZY:
+        from . import graph
+
+        return getattr(graph, name)
+    raise AttributeError(f"module 'layerfs' has no attribute {name!r}")
 
 __all__ = [
     "AlreadyExists",
