@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .runner import WIDE_SPREAD, fmt_s
+from .runner import WIDE_SPREAD
 
 SCHEMA = 1
 

@@ -38,7 +38,6 @@ first driver and rows are reported without target.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time

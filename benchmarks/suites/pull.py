@@ -45,7 +45,6 @@ size, content, link target; mode/owner/mtime differences are noted). Inputs
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys

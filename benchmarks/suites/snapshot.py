@@ -28,7 +28,6 @@ start and a gRPC connection (~10-30 ms), as a user of ``ctr`` does.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import subprocess
 import sys
