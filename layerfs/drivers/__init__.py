@@ -179,6 +179,34 @@ class Driver(abc.ABC):
                 self.put(id)
 
 
+class DirectoryLayers:
+    """Mixin for drivers that keep each layer as ``<home>/<id>/`` with ``diff/`` and ``merged/``.
+
+    *reserved_names* are the driver's own entries of home that are no layer.
+    """
+
+    home: Path
+    reserved_names: ClassVar[frozenset[str]] = frozenset()
+
+    def _dir(self, id: str) -> Path:
+        return self.home / id
+
+    def exists(self, id: str) -> bool:
+        return (self._dir(id) / "diff").is_dir()
+
+    def ids(self) -> set[str]:
+        try:
+            names = os.listdir(self.home)
+        except FileNotFoundError:
+            return set()
+        return {
+            n for n in names if n not in self.reserved_names and not n.startswith(".") and (self.home / n).is_dir()
+        }
+
+    def mount_path(self, id: str) -> Path:
+        return self._dir(id) / "merged"
+
+
 def registry() -> dict[str, type[Driver]]:
     """Driver classes by name, in the order driver="auto" tries them."""
     from .aufs import AufsDriver

@@ -33,7 +33,7 @@ from typing import BinaryIO
 from .. import _mountapi, archive, whiteout
 from ..changes import Change, OverlayLowers, overlay_changes, walk_upper
 from ..errors import DriverUnavailable, InvalidOption
-from . import Driver, parse_size, remove_tree
+from . import DirectoryLayers, Driver, parse_size, remove_tree
 from ._quota import ProjectQuota
 
 OVERLAY_MAX_STACK = 500
@@ -86,7 +86,8 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
-class Overlay2Driver(Driver):
+class Overlay2Driver(DirectoryLayers, Driver):
+    reserved_names = frozenset(_RESERVED)
     name = "overlay2"
     priority = 10
     whiteout_format = archive.WhiteoutFormat.OVERLAY
@@ -217,9 +218,6 @@ class Overlay2Driver(Driver):
             raise InvalidOption(f"{what}: {self.features.get('project_quota_detail')}")
 
     # -- layout helpers --------------------------------------------------------
-    def _dir(self, id: str) -> Path:
-        return self.home / id
-
     def _lower_ids(self, id: str) -> list[str]:
         try:
             text = (self._dir(id) / "lower").read_text()
@@ -274,19 +272,6 @@ class Overlay2Driver(Driver):
         except FileNotFoundError:
             return
         remove_tree(str(target))
-
-    def exists(self, id: str) -> bool:
-        return (self._dir(id) / "diff").is_dir()
-
-    def ids(self) -> set[str]:
-        try:
-            names = os.listdir(self.home)
-        except FileNotFoundError:
-            return set()
-        return {n for n in names if n not in _RESERVED and not n.startswith(".") and (self.home / n).is_dir()}
-
-    def mount_path(self, id: str) -> Path:
-        return self._dir(id) / "merged"
 
     def is_mounted(self, id: str) -> bool:
         return _mountapi.is_mountpoint(str(self._dir(id) / "merged"))

@@ -59,7 +59,7 @@ from typing import BinaryIO
 from ... import _mountapi, archive, whiteout
 from ...changes import Change, stat_differs, with_ancestors
 from ...errors import DriverUnavailable, InvalidOption
-from .. import Driver, remove_tree
+from .. import DirectoryLayers, Driver, remove_tree
 from .._quota import ProjectQuota
 from .union import OPQ, WH, Union
 
@@ -69,7 +69,8 @@ UNMOUNT_WAIT = 10.0
 _LOG_MAX = 1 << 20
 
 
-class AufsDriver(Driver):
+class AufsDriver(DirectoryLayers, Driver):
+    reserved_names = frozenset(_RESERVED)
     name = "aufs"
     priority = 20
     whiteout_format = archive.WhiteoutFormat.AUFS
@@ -102,9 +103,6 @@ class AufsDriver(Driver):
         Path(home).mkdir(parents=True, exist_ok=True)
 
     # -- layout ----------------------------------------------------------------
-    def _dir(self, id: str) -> Path:
-        return self.home / id
-
     def _run(self, id: str, suffix: str) -> Path:
         return self.home / "run" / f"{id}.{suffix}"
 
@@ -155,19 +153,6 @@ class AufsDriver(Driver):
             remove_tree(str(target))
         for suffix in ("log", "pid"):
             self._run(id, suffix).unlink(missing_ok=True)
-
-    def exists(self, id: str) -> bool:
-        return (self._dir(id) / "diff").is_dir()
-
-    def ids(self) -> set[str]:
-        try:
-            names = os.listdir(self.home)
-        except FileNotFoundError:
-            return set()
-        return {n for n in names if n not in _RESERVED and not n.startswith(".") and (self.home / n).is_dir()}
-
-    def mount_path(self, id: str) -> Path:
-        return self._dir(id) / "merged"
 
     # -- mounts ----------------------------------------------------------------
     def _state(self, id: str) -> str:
