@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import whiteout
 
@@ -70,8 +70,22 @@ def add_tree(raw: dict[str, str], root: str, rel: str) -> None:
             add_tree(raw, root, child)
 
 
-def tree_changes(new_root: str, old_root: str | None) -> list[Change]:
-    """Compare the tree at *new_root* against *old_root* (None: an empty tree)."""
+def entry_changed(new: os.DirEntry, old: os.DirEntry, new_st: os.stat_result, old_st: os.stat_result) -> bool:
+    """The naive diff's test: metadata, size, mtime or symlink target differ."""
+    return stat_differs(old_st, new_st) or (
+        stat.S_ISLNK(new_st.st_mode) and os.readlink(new.path) != os.readlink(old.path)
+    )
+
+
+def tree_changes(
+    new_root: str, old_root: str | None, changed: Callable[..., bool] = entry_changed
+) -> list[Change]:
+    """Compare the tree at *new_root* against *old_root* (None: an empty tree).
+
+    *changed(new_entry, old_entry, new_stat, old_stat)* decides whether an
+    entry present in both trees is reported "C" (a snapshot driver can do
+    better than comparing metadata).
+    """
     raw: dict[str, str] = {}
     if old_root is None:
         add_tree(raw, new_root, "")
@@ -90,9 +104,7 @@ def tree_changes(new_root: str, old_root: str | None) -> list[Change]:
                     add_tree(raw, new_root, child)
                 continue
             old_st = other.stat(follow_symlinks=False)
-            if stat_differs(old_st, new_st) or (
-                stat.S_ISLNK(new_st.st_mode) and os.readlink(entry.path) != os.readlink(other.path)
-            ):
+            if changed(entry, other, new_st, old_st):
                 raw[child] = "C"
                 if stat.S_ISDIR(old_st.st_mode) != stat.S_ISDIR(new_st.st_mode):
                     if stat.S_ISDIR(new_st.st_mode):

@@ -13,41 +13,18 @@ without its directory's ctime changing).
 
 from __future__ import annotations
 
-import stat
+import os
 
-from ...changes import Change, add_tree, scan_dir, stat_differs, tree_changes, with_ancestors
+from ...changes import Change, stat_differs, tree_changes
+
+
+def snapshot_entry_changed(new: os.DirEntry, old: os.DirEntry, new_st: os.stat_result, old_st: os.stat_result) -> bool:
+    """A thin snapshot keeps inode numbers and ctimes of untouched files exactly,
+    so any change at all (content, xattrs, metadata) shows in one of them."""
+    untouched = old_st.st_ino == new_st.st_ino and old_st.st_ctime_ns == new_st.st_ctime_ns
+    return not untouched or stat_differs(old_st, new_st)
 
 
 def snapshot_changes(new_root: str, old_root: str | None) -> list[Change]:
     """Changes of the snapshot mounted at *new_root* against its origin at *old_root*."""
-    if old_root is None:
-        return tree_changes(new_root, None)
-    raw: dict[str, str] = {}
-
-    def walk(rel: str) -> None:
-        new = scan_dir(new_root + rel)
-        old = scan_dir(old_root + rel)
-        for name, entry in new.items():
-            child = rel + "/" + name
-            other = old.get(name)
-            new_st = entry.stat(follow_symlinks=False)
-            if other is None:
-                raw[child] = "A"
-                if stat.S_ISDIR(new_st.st_mode):
-                    add_tree(raw, new_root, child)
-                continue
-            old_st = other.stat(follow_symlinks=False)
-            untouched = old_st.st_ino == new_st.st_ino and old_st.st_ctime_ns == new_st.st_ctime_ns
-            if not untouched or stat_differs(old_st, new_st):
-                raw[child] = "C"
-                if stat.S_ISDIR(old_st.st_mode) != stat.S_ISDIR(new_st.st_mode):
-                    if stat.S_ISDIR(new_st.st_mode):
-                        add_tree(raw, new_root, child)
-                    continue
-            if stat.S_ISDIR(new_st.st_mode) and stat.S_ISDIR(old_st.st_mode):
-                walk(child)
-        for name in old.keys() - new.keys():
-            raw[rel + "/" + name] = "D"
-
-    walk("")
-    return with_ancestors(raw)
+    return tree_changes(new_root, old_root, snapshot_entry_changed)
