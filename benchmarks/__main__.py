@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="layerfs drivers to benchmark (default: every driver that opens here)")
     r.add_argument("--driver", default="auto", help="one layerfs driver (older spelling of --drivers)")
     r.add_argument("--peers", action="append", metavar="P1,P2",
-                   help="peers to compare with: docker, containerd, fuse-overlayfs, kernel-overlay, tar "
+                   help="peers to compare with: docker, containerd, podman, fuse-overlayfs, kernel-overlay, tar "
                         "(default: every one installed; 'none' for none)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE", help="layerfs storage option")
     r.add_argument("--work-dir", help="where stores and extractions go (default: the out dir); "

@@ -25,11 +25,13 @@ Contenders, alternated round by round, each layerfs round into a fresh store
                                in place) vs ``tar -xf`` of the same layer tars; ≤ 1.3×
 - ``pull.docker``              layerfs vs ``docker pull`` of the same image from the
                                local registry (dockerd with overlay2, and with
-                               fuse-overlayfs); target ≤ 0.6× the overlay2 one
+                               fuse-overlayfs) and ``podman pull`` (overlay, vfs,
+                               overlay + fuse-overlayfs); target ≤ 0.6× docker overlay2
 - ``pull.docker-load``         layerfs pull of the docker-archive vs ``docker load``
-                               (overlay2, fuse-overlayfs) and ``ctr image import``
-                               (containerd, overlayfs snapshotter, unpacked); ≤ 0.6×
-                               ``docker load`` (overlay2)
+                               (overlay2, fuse-overlayfs), ``ctr image import``
+                               (containerd, overlayfs snapshotter, unpacked) and
+                               ``podman load`` (overlay, vfs, overlay + fuse-overlayfs);
+                               ≤ 0.6× ``docker load`` (overlay2)
 
 The peers' daemons are private (:mod:`benchmarks.peers.daemons`: own socket and
 data dir under the work dir, nothing on the network), started for this suite and
@@ -275,6 +277,49 @@ def _ctr_import_contender(daemon, archive: Path) -> Contender:
                            "containerd": bench_peers.version("containerd"), "pid": daemon.pid})
 
 
+def _podman_contender(kind: str, pm, ref: str, archive: Path) -> Contender:
+    """``podman pull REF`` (local registry, --tls-verify=false) or ``podman load -i ARCHIVE``.
+
+    Every image is removed (``podman rmi -af``, untimed) before and after each round.
+    """
+    def once() -> float:
+        pm.rmi_all()
+        try:
+            with stopwatch() as t:
+                if kind == "pull":
+                    pm.pull(ref)
+                else:
+                    pm.load(archive)
+        finally:
+            pm.rmi_all()
+            os.sync()
+        return t.elapsed
+
+    cmd = f"podman pull -q --tls-verify=false {ref}" if kind == "pull" else "podman load -q -i ARCHIVE"
+    return Contender(f"podman {kind} {pm.flavour}", once, role="reference", info={"command": cmd, **pm.info()})
+
+
+def _start_podmans(ctx) -> tuple[list, dict[str, str]]:
+    """Private podman stores (overlay, vfs, overlay + fuse-overlayfs) and {label: why left out}."""
+    from ..peers.podman import FLAVOURS, Podman, PodmanFailed
+
+    out, why = [], {}
+    for fl in FLAVOURS:
+        label = f"podman {fl}"
+        if not ctx.peer_wanted("podman"):
+            why[label] = "not selected (--peers)"
+            continue
+        miss = Podman.unavailable(fl)
+        if miss:
+            why[label] = miss
+            continue
+        try:
+            out.append(Podman(ctx.scratch(f"podman-{fl}"), fl).setup())
+        except PodmanFailed as e:
+            why[label] = f"failed here: {e}"
+    return out, why
+
+
 def _skipped(reason: str):
     def once() -> float:
         raise SkipBenchmark(reason)
@@ -284,7 +329,7 @@ def _skipped(reason: str):
 # ------------------------------------------------------------------ setup
 
 
-def _seed_registry(ctx, built, reg) -> tuple[str, str]:
+def _seed_registry(ctx, built, reg, repo: str = REPO) -> tuple[str, str]:
     """Put the image into the registry byte for byte; returns (reference, pushed manifest digest)."""
     from layerfs.engine.images import ImageStore
     from layerfs.engine.pull import pull
@@ -300,7 +345,7 @@ def _seed_registry(ctx, built, reg) -> tuple[str, str]:
             for layer, path in zip(built.meta["layers"], built.gzip_blobs):
                 with open(path, "rb") as f:
                     images.content.ingest(f, layer["gzip_digest"], layer["gzip_bytes"])
-            ref = f"docker://{reg.host}/{REPO}"
+            ref = f"docker://{reg.host}/{repo}"
             digest = push(images, "seed:1", ref, compression="gzip")
     finally:
         ctx.remove(root)
@@ -413,7 +458,13 @@ def suite(ctx):
 
         daemons, why_not = _start_peers(ctx)
         started.extend(daemons.values())
+        podmans, pm_why = _start_podmans(ctx)
+        started.extend(podmans)
+        why_not.update(pm_why)
         peer_notes = [f"{k} left out: {v}" for k, v in why_not.items()]
+        peer_notes += [f"{pm.label}: daemonless, private --root/--runroot/storage.conf/containers.conf under the "
+                       "run's work dir; every image removed (rmi -af) before and after each round, untimed"
+                       for pm in podmans]
         peer_notes += [f"{d.name} (pid {d.pid}) on a private socket and data dir under the run's work dir; "
                        "stopped by PID at the end of the suite" for d in daemons.values()]
         d_pulls = [_docker_contender("pull", f"{reg.host}/{REPO}", archive, daemons[k], k)
@@ -422,6 +473,8 @@ def suite(ctx):
                  for k in ("docker overlay2", "docker fuse-overlayfs") if k in daemons]
         if "containerd" in daemons:
             loads.append(_ctr_import_contender(daemons["containerd"], archive))
+        d_pulls += [_podman_contender("pull", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
+        loads += [_podman_contender("load", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
         if not d_pulls:
             d_pulls = [Contender("docker pull", _skipped("; ".join(peer_notes) or "no docker"), role="reference")]
         if not loads:
@@ -447,6 +500,9 @@ def suite(ctx):
         )
     finally:
         for d in started:
-            d.stop()
+            if hasattr(d, "stop"):
+                d.stop()
+            else:
+                d.cleanup()
         if reg is not None:
             reg.stop()

@@ -16,6 +16,10 @@ commit        ``unmount`` + ``commit`` (export + apply)   umount(2) + ``ctr snap
 remove        ``remove_container`` + ``release``          ``ctr snapshots rm``
 ============  ==========================================  ===============================================
 
+podman (overlay, vfs, overlay + fuse-overlayfs; :mod:`benchmarks.peers.podman`)
+runs the same cycle with ``podman create``+``mount`` / ``umount``+``commit`` /
+``rm``+``rmi``; unlike ``ctr``, ``podman commit`` computes and stores the diff.
+
 Between prepare and commit, 100 small files are written into the mount (untimed).
 The work is not identical, and the table says so: ``ctr snapshots commit`` only
 marks the upper directory read-only in containerd's metadata (the diff is
@@ -142,6 +146,45 @@ class CtrCycle:
         return times[step]
 
 
+class PodmanCycle:
+    """podman create + mount / umount + commit / rm + rmi, each a podman command (daemonless)."""
+
+    def __init__(self, pm, image: str):
+        self.pm, self.image = pm, image
+        self.n = 0
+
+    def run(self, step: str) -> float:
+        self.n += 1
+        name, committed = f"snap-{self.n}", f"localhost/snap-commit:{self.n}"
+        pm = self.pm
+        times = {}
+        state = None
+        try:
+            with stopwatch() as t:
+                pm.create(self.image, name)
+                state = "created"
+                m = pm.mount(name)
+                state = "mounted"
+            times["prepare"] = t.elapsed
+            _write_files(m)
+            with stopwatch() as t:
+                pm.umount(name)
+                state = "created"
+                pm.run("commit", "-q", name, committed)
+                state = "committed"
+            times["commit"] = t.elapsed
+            with stopwatch() as t:
+                pm.rm(name)
+                pm.run("rmi", committed)
+                state = None
+            times["remove"] = t.elapsed
+        finally:
+            if state is not None:
+                pm.run("rm", "-f", name, check=False)
+                pm.run("rmi", "-f", committed, check=False)
+        return times[step]
+
+
 def _top_snapshot(d: Containerd) -> str:
     """The committed snapshot nobody is the parent of: the image's rootfs."""
     r = subprocess.run(d.ctr + ["snapshots", "ls"], capture_output=True, text=True, check=True)
@@ -174,6 +217,7 @@ def suite(ctx):
         ctr_skip = "not selected (--peers)"
     else:
         ctr_skip = bench_peers.missing("containerd")
+    podmans = []
     try:
         cycles = []
         for d in ctx.drivers:
@@ -199,6 +243,25 @@ def suite(ctx):
                 ctr_skip = f"containerd failed here: {e} {err.strip()[-300:]}"
         if ctr_skip:
             notes.append(f"ctr left out: {ctr_skip}")
+        from ..peers.podman import FLAVOURS, Podman, PodmanFailed
+        for fl in FLAVOURS:
+            why = "not selected (--peers)" if not ctx.peer_wanted("podman") else Podman.unavailable(fl)
+            if why is None:
+                try:
+                    pm = Podman(ctx.scratch(f"podman-{fl}"), fl).setup()
+                    podmans.append(pm)
+                    pm.load(built.docker_archive)
+                    cycles.append((pm.label, "reference", PodmanCycle(pm, bench_image.REPO_TAG), pm.info()))
+                except PodmanFailed as e:
+                    why = str(e)
+            if why:
+                notes.append(f"{'podman ' + fl} left out: {why}")
+        if podmans:
+            notes.append("podman: daemonless, private --root/--runroot/storage.conf under the run's work dir; "
+                         "image loaded once (`podman load`, untimed); prepare = `podman create` + `podman mount`, "
+                         "commit = `podman umount` + `podman commit` (computes the diff and stores a new image "
+                         "layer: the same work as store.commit), remove = `podman rm` + `podman rmi`; every step "
+                         "pays a podman process start (~30-80 ms) as a podman user does")
         subject = f"layerfs {ctx.drivers[0]}"  # the default driver (overlay2 here): the same kernel overlay as the snapshotter
         reference = "ctr snapshots (overlayfs)" if ctr_skip is None else None
         what = {"prepare": "create+mount vs prepare+mounts+mount(2)",
@@ -217,6 +280,8 @@ def suite(ctx):
     finally:
         if daemon is not None:
             daemon.stop()
+        for pm in podmans:
+            pm.cleanup()
         for store, root in stores.values():
             try:
                 for c in store.containers():
