@@ -60,6 +60,10 @@ LOOP_WARNING = (
 )
 
 
+class PoolFull(LayerfsError):
+    """The thin pool has less free space than dm.min_free_space."""
+
+
 class PoolError(LayerfsError):
     """The thin pool cannot be set up or used."""
 
