@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 import zstandard
+from zlib_ng import gzip_ng_threaded, zlib_ng
 
 from . import whiteout
 from .errors import InvalidLayer
@@ -189,7 +190,11 @@ def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str]:
     kind = sniff_compression(head)
     stream = _PrefixedReader(head, raw)
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=stream, mode="rb"), kind
+        # Why zlib-ng: it inflates in about half the CPU time of zlib, and the
+        # threaded reader inflates on its own thread (outside the GIL) while
+        # this one parses the tar.
+        # 256 KiB blocks: it reads 8 blocks of compressed input at a time.
+        return gzip_ng_threaded.open(stream, "rb", threads=1, block_size=256 << 10), kind
     if kind == "zstd":
         return _ZstdReader(stream), kind
     if kind != "none":
@@ -638,7 +643,9 @@ def _time_ns(m: Member, key: str) -> int:
     return int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
 
 
-_STREAM_ERRORS = (TarFormatError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError)
+_STREAM_ERRORS = (
+    TarFormatError, EOFError, zlib.error, zlib_ng.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError
+)
 
 
 def apply_tar(
@@ -656,6 +663,8 @@ def apply_tar(
         return _apply_all(reader, applier, compression)
     finally:
         applier.writer.close()
+        if stream is not src:
+            stream.close()  # stops a decompressor thread; the caller still owns src
 
 
 def _apply_all(reader: _HashingReader, applier: _Applier, compression: str) -> ApplyResult:

@@ -7,6 +7,7 @@ parallel.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -361,7 +362,8 @@ class DockerArchiveDestination(ImageDestination):
                 with open(self._blobs[desc.digest], "rb") as raw:
                     stream, _ = archive.decompressed(raw)
                     spool = tempfile.TemporaryFile(dir=self._work)
-                    shutil.copyfileobj(stream, spool, 1 << 20)
+                    with contextlib.closing(stream):
+                        shutil.copyfileobj(stream, spool, 1 << 20)
                     size = spool.tell()
                     spool.seek(0)
                     name = f"{desc.digest.split(':', 1)[1]}/layer.tar"

@@ -53,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from .fs import UnionOps
 
     ops = UnionOps(args.branches, writable=not args.readonly)
-    from . import _dircache
+    from . import _lowlevel
 
-    if not _dircache.install(ops.is_dir_handle):
-        log.info("the kernel will not cache directory listings")
+    hook = _lowlevel.install(ops.write_direct)
     options = {
         f"fsname={args.fsname}",
         "subtype=layerfs-aufs",
@@ -70,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         options.add("debug")
     pyfuse3.init(ops, args.mountpoint, options)
+    ops.decline_opendir = hook.active
+    if not hook.active:
+        log.info("pyfuse3's operations are not wrapped: the daemon serves opendir and copies writes")
     log.info("mounted %s (%d branches%s)", args.mountpoint, len(args.branches), ", read-only" if args.readonly else "")
 
     stopped = []

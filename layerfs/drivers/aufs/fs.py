@@ -21,6 +21,7 @@ and a directory's listing is read once per opendir.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -39,6 +40,7 @@ log = logging.getLogger("layerfs.aufs")
 TTL_WRITABLE = 60.0
 TTL_READONLY = 3600.0
 _PASS_FLAGS = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
+_OFF_MASK = (1 << 62) - 1  # directory offsets: 3 + a 62-bit hash of the name
 
 
 class Node:
@@ -97,7 +99,10 @@ class UnionOps(pyfuse3.Operations):
         self.by_key: dict[tuple[int, int], int] = {}
         self.next_ino = ROOT_INODE + 1
         self.handles: dict[int, Handle] = {}
-        self.dirs: dict[int, list] = {}  # fh -> [node, rel, sorted (name, branch)] (read lazily)
+        # directory ino -> (gen, offsets, entries): listings being read (see _listing)
+        self.listings: dict[int, tuple[int, list[int], list[tuple[str, int]]]] = {}
+        self.gen = 0  # bumped by every request that may change the union
+        self.decline_opendir = False  # set by the daemon when _lowlevel is active
         self.next_fh = 1
         self.euid, self.egid = os.geteuid(), os.getegid()
 
@@ -243,8 +248,10 @@ class UnionOps(pyfuse3.Operations):
 
     # -- writing helpers -----------------------------------------------------------
     def _check_writable(self) -> None:
+        """Called first by every request that may change the union's names or branches."""
         if not self.writable:
             raise FUSEError(errno.EROFS)
+        self.gen += 1  # cached listings are stale from here on
 
     @staticmethod
     def _new_name(name: bytes) -> str:
@@ -633,6 +640,17 @@ class UnionOps(pyfuse3.Operations):
             h.fd, h.branch = fd, h.node.branch
         return os.pread(h.fd, size, off)
 
+    def write_direct(self, fh: int, off: int, data) -> int | None:
+        """WRITE straight from libfuse's buffer (_lowlevel); None: not a handle of ours."""
+        h = self.handles.get(fh)
+        if h is None:
+            return None
+        n = len(data)
+        total = os.pwrite(h.fd, data, off)
+        while total < n:
+            total += os.pwrite(h.fd, data[total:], off + total)
+        return total
+
     @_errors
     async def write(self, fh, off, buf):
         h = self.handles[fh]
@@ -663,32 +681,37 @@ class UnionOps(pyfuse3.Operations):
         self._maybe_drop(h.node)
 
     # -- directories ------------------------------------------------------------------------
-    def is_dir_handle(self, fh: int) -> bool:
-        """True for opendir's handles: their replies ask the kernel to cache the listing (_dircache)."""
-        return fh in self.dirs
-
     @_errors
     async def opendir(self, inode, ctx):
         node = self._node(inode)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        fh = self.next_fh
-        self.next_fh += 1
-        # The listing is read at the first readdir: when the kernel still
-        # holds it in its cache (_dircache) no readdir comes at all.
-        self.dirs[fh] = [node, None, None]
-        return fh
+        if self.decline_opendir:
+            # "Not implemented": from now on the kernel opens directories
+            # itself and caches their listings (see _lowlevel).
+            raise FUSEError(errno.ENOSYS)
+        return inode  # readdir and fsyncdir get the inode either way
 
-    def _listing(self, fh: int) -> tuple[Node, str, list[tuple[str, int]]]:
-        d = self.dirs[fh]
-        if d[2] is None:
-            d[1] = self._path(d[0])
-            d[2] = sorted(self.u.entries(d[1]).items())
-        return d
+    def _listing(self, node: Node) -> tuple[list[int], list[tuple[str, int]]]:
+        """(offsets, sorted [(name, branch)]) of directory *node*, cached until the union next changes.
+
+        An entry's offset is a hash of its name (as a directory's position in
+        ext4's htree): a reader that continues from an offset after entries
+        were added or removed neither repeats nor skips the entries that stayed.
+        """
+        cached = self.listings.get(node.ino)
+        if cached is not None and cached[0] == self.gen:
+            return cached[1], cached[2]
+        entries = sorted(self.u.entries(self._path(node)).items(), key=lambda e: (hash(e[0]) & _OFF_MASK, e[0]))
+        offsets = [(hash(name) & _OFF_MASK) + 3 for name, _ in entries]
+        if len(self.listings) >= 16:
+            del self.listings[next(iter(self.listings))]
+        self.listings[node.ino] = (self.gen, offsets, entries)
+        return offsets, entries
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        node, rel, entries = self._listing(fh)
+        node = self._node(fh)  # fh is the directory's inode number (opendir, _lowlevel)
         pos = start_id
         if pos == 0:
             st, merged = self._stat(node)
@@ -701,28 +724,33 @@ class UnionOps(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", self._attr(pnode, st, merged), 2):
                 return
             pos = 2
-        for i in range(pos - 2, len(entries)):
+        offsets, entries = self._listing(node)
+        first = bisect.bisect_right(offsets, pos) if pos > 2 else 0
+        if first >= len(entries):
+            self.listings.pop(node.ino, None)  # the reader is done with it
+            return
+        rel = self._path(node)
+        for i in range(first, len(entries)):
             name, branch = entries[i]
             child = rel + "/" + name
             try:
                 st = os.lstat(self.u.branches[branch] + child)
             except FileNotFoundError:
-                continue  # removed since opendir
+                continue  # removed behind the union's back
             cnode = self._node_for(node, name, branch, st)
             merged = cnode.is_dir and self.u.is_merged(child)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(cnode, st, merged), i + 3):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(cnode, st, merged), offsets[i]):
                 return
             cnode.lookups += 1
 
     async def releasedir(self, fh):
-        self.dirs.pop(fh, None)
+        return None
 
     @_errors
     async def fsyncdir(self, fh, datasync):
         if not self.writable:
             return
-        node = self.dirs[fh][0]
-        rel = self._path(node)
+        rel = self._path(self._node(fh))
         path = self.u.branches[0] + rel or "/"
         if os.path.isdir(path):
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
