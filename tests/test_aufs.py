@@ -168,6 +168,70 @@ def test_cached_listings_follow_every_change(drv):
         os.close(fd)
 
 
+def test_listing_read_in_pieces_while_entries_go(drv):
+    """Directory offsets survive changes: a reader sees every entry that stays, once."""
+    t = LayerTar().dir("big")
+    for i in range(1500):
+        t.file(f"big/low{i:04d}")
+    layer(drv, "l1", None, t)
+    mp = container(drv, "c", "l1")
+    for i in range(1500):
+        (mp / "big" / f"up{i:04d}").write_bytes(b"")
+    doomed = {f"low{i:04d}" for i in range(0, 1500, 3)} | {f"up{i:04d}" for i in range(1, 1500, 3)}
+    seen = []
+    with os.scandir(mp / "big") as it:  # getdents in pieces, the kernel's cache dropped by each unlink
+        for n, e in enumerate(it):
+            seen.append(e.name)
+            if n == 10:
+                for name in doomed:
+                    if name not in seen:
+                        os.unlink(mp / "big" / name)
+    assert len(seen) == len(set(seen))
+    everything = {f"low{i:04d}" for i in range(1500)} | {f"up{i:04d}" for i in range(1500)}
+    assert everything - doomed <= set(seen) <= everything
+    assert set(os.listdir(mp / "big")) == everything - (doomed - set(seen[:11]))
+
+
+def test_daemon_without_its_lowlevel_hooks(drv, tmp_path):
+    """--no-lowlevel (pyfuse3's own operations table: opendir served, writes copied) gives the same union."""
+    layer(drv, "l1", None, _base())
+    layer(drv, "l2", "l1", _upper())
+    top, mp = tmp_path / "top", tmp_path / "mnt"
+    top.mkdir()
+    mp.mkdir()
+    pidfile = tmp_path / "pid"
+    cmd = [sys.executable, "-m", "layerfs.drivers.aufs", "--detach", str(pidfile), "--no-lowlevel",
+           "--mountpoint", str(mp), "--branches", str(top), str(drv.home / "l2" / "diff"), str(drv.home / "l1" / "diff")]
+    log = open(tmp_path / "log", "w")
+    subprocess.run(cmd, check=True, stdout=log, stderr=log, timeout=30)
+    try:
+        for _ in range(500):
+            if os.path.ismount(mp):
+                break
+            time.sleep(0.01)
+        assert sorted(os.listdir(mp / "etc")) == ["new", "passwd"]
+        data = os.urandom(3 << 20)
+        with open(mp / "etc" / "big", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        assert (top / "etc" / "big").read_bytes() == data
+        fd = os.open(mp / "etc", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+            assert sorted(os.listdir(fd)) == ["big", "new", "passwd"]
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+        pid = int(pidfile.read_text())
+        for _ in range(500):
+            if not _running(pid):
+                break
+            time.sleep(0.01)
+    assert "not wrapped" in (tmp_path / "log").read_text()
+
+
 def test_new_entries_belong_to_the_caller(drv):
     """Owner of new entries: the caller's ids, the group of a setgid directory (root or not)."""
     layer(drv, "l1", None, _base())

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readonly", action="store_true", help="a read-only view: writes fail with EROFS")
     p.add_argument("--fsname", default="layerfs-aufs")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--no-lowlevel", action="store_true",
+                   help="leave pyfuse3's operations table as it is (slower; see _lowlevel)")
     p.add_argument("--detach", metavar="PIDFILE", help="fork, write the daemon's pid to PIDFILE and return at once")
     args = p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = UnionOps(args.branches, writable=not args.readonly)
     from . import _lowlevel
 
-    hook = _lowlevel.install(ops.write_direct)
+    hook = _lowlevel.Hook() if args.no_lowlevel else _lowlevel.install(ops.write_direct)
     options = {
         f"fsname={args.fsname}",
         "subtype=layerfs-aufs",
