@@ -1,4 +1,4 @@
-"""python -m benchmarks run [--suite NAME ...] [--drivers D1,D2] [--peers P1,P2] [--quick] [--out DIR] ...
+"""python -m benchmarks run [--suite NAME ...] [--drivers D1,D2] [--peers P1,P2] [--image synthetic|realistic] [--quick] [--out DIR] ...
 
 Suites marked per-driver (register, mount, changes, open_store) run once per
 layerfs driver, each row named ``suite.benchmark[driver]``; ``fs`` and
@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
             peers = set()
     ctx = RunContext(out_dir=out, cache_dir=out / "cache", work_dir=work, quick=args.quick,
                      driver=usable[0] if usable else args.driver, options=options,
-                     drivers=usable, drivers_skipped=unusable, peers=peers)
+                     drivers=usable, drivers_skipped=unusable, peers=peers, image=args.image)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     doc = {
@@ -127,7 +127,7 @@ def cmd_run(args) -> int:
         "config": {"quick": args.quick, "runs": args.runs, "suites": suites, "driver": ctx.driver,
                    "drivers": usable, "drivers_skipped": unusable,
                    "peers": sorted(peers) if peers is not None else "all installed",
-                   "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
+                   "image": args.image, "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
                    "argv": sys.argv},
         "peers": bench_peers.versions(),
         "results": [],
@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--peers", action="append", metavar="P1,P2",
                    help="peers to compare with: docker, containerd, podman, fuse-overlayfs, kernel-overlay, tar "
                         "(default: every one installed; 'none' for none)")
+    r.add_argument("--image", choices=("synthetic", "realistic"), default="synthetic",
+                   help="input image of the pull and snapshot suites: synthetic (deterministic, default) or "
+                        "realistic (debootstrap minbase + python3 + a cleanup layer, built once and cached; "
+                        "needs the Debian mirror)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE", help="layerfs storage option")
     r.add_argument("--work-dir", help="where stores and extractions go (default: the out dir); "
                                       "its filesystem is recorded")

@@ -25,6 +25,7 @@ class RunContext:
     drivers: list[str] = field(default_factory=list)          # usable layerfs drivers of this run
     drivers_skipped: dict[str, str] = field(default_factory=dict)   # driver -> why it cannot run here
     peers: set[str] | None = None                             # None: every peer installed
+    image: str = "synthetic"                                  # pull/snapshot input: synthetic | realistic
     _counter: Any = field(default_factory=lambda: itertools.count())
 
     def scratch(self, stem: str) -> Path:

@@ -22,10 +22,11 @@ Written under ``CACHE/pull-image-<key>/``:
 ``expected.json``      the flattened rootfs a correct pull produces
 ``meta.json``          digests, sizes, counts; written last (its presence = complete)
 
-Why synthetic rather than debootstrap: the harness's inputs are a pure
-function of a spec (byte-identical on every run and machine, no network);
-debootstrap output follows the mirror's current package versions, needs a
-mirror at build time and takes minutes.
+This synthetic image is the default because it is a pure function of a spec
+(byte-identical on every run and machine, no network). ``--image realistic``
+selects :mod:`benchmarks.realistic` instead (debootstrap minbase + python3 + a
+cleanup layer, built once from the Debian mirror and cached; its bytes follow
+the mirror's package versions). :func:`for_run` picks one for a run.
 """
 
 from __future__ import annotations
@@ -310,7 +311,20 @@ def _build(spec: ImageSpec, out: Path) -> dict:
                 manifest = synth.write_tar(spec.base if name == "base" else spec.app, w)
         layers.append({"name": name, "diff_id": "sha256:" + w.h.hexdigest(), "tar_bytes": w.n,
                        "entries": manifest["entries"], "file_bytes": manifest["file_bytes"]})
+    meta = write_image(out, layers)
+    tree = expected_tree(spec, base, app, plan)
+    (out / "expected.json").write_text(json.dumps(tree, separators=(",", ":")))
+    return {
+        "image_version": IMAGE_VERSION, "spec": asdict(spec), "key": spec.key(),
+        "description": spec.describe(), **meta,
+        "rootfs_entries": len(tree),
+        "rootfs_file_bytes": sum(v[4] for v in tree.values() if v[0] == "f"),
+    }
 
+
+def write_image(out: Path, layers: list[dict]) -> dict:
+    """From ``out/layers/N.tar`` (described by *layers*: name, diff_id, tar_bytes, ...): the OCI layout
+    with gzip layers and the docker-archive. Adds gzip_digest/gzip_bytes to *layers*; returns meta fields."""
     blobs = out / "oci" / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:  # zlib drops the GIL
@@ -324,8 +338,8 @@ def _build(spec: ImageSpec, out: Path) -> dict:
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                    "Cmd": ["/bin/sh"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": f"benchmarks.image: {n} layer"}
-                    for n in LAYER_NAMES],
+        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": f"benchmarks.image: {l['name']} layer"}
+                    for l in layers],
     })
     config_digest = "sha256:" + _sha(config)
     (blobs / config_digest.split(":", 1)[1]).write_bytes(config)
@@ -359,18 +373,13 @@ def _build(spec: ImageSpec, out: Path) -> dict:
         _add_bytes(tf, "manifest.json", json.dumps(
             [{"Config": f"{config_hex}.json", "RepoTags": [REPO_TAG], "Layers": names}]).encode())
 
-    tree = expected_tree(spec, base, app, plan)
-    (out / "expected.json").write_text(json.dumps(tree, separators=(",", ":")))
     return {
-        "image_version": IMAGE_VERSION, "spec": asdict(spec), "key": spec.key(),
-        "description": spec.describe(), "layers": layers,
+        "layers": layers,
         "config_digest": config_digest, "manifest_digest": manifest_digest,
         "tar_bytes": sum(l["tar_bytes"] for l in layers),
         "gzip_bytes": sum(l["gzip_bytes"] for l in layers),
         "file_bytes": sum(l["file_bytes"] for l in layers),
         "docker_archive_bytes": (out / "docker-archive.tar").stat().st_size,
-        "rootfs_entries": len(tree),
-        "rootfs_file_bytes": sum(v[4] for v in tree.values() if v[0] == "f"),
     }
 
 
@@ -405,3 +414,11 @@ def cached(spec: ImageSpec, cache_dir: Path, log=lambda msg: None) -> BuiltImage
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return BuiltImage(final, meta)
+
+
+def for_run(ctx, log=lambda msg: None) -> BuiltImage:
+    """The image of this run: ``--image synthetic`` (FULL, or QUICK with --quick) or ``realistic``."""
+    if getattr(ctx, "image", "synthetic") == "realistic":
+        from . import realistic
+        return realistic.cached(ctx.cache_dir, log=log)
+    return cached(ctx.pick(FULL, QUICK), ctx.cache_dir, log=log)

@@ -363,8 +363,7 @@ def suite(ctx):
         import layerfs.engine.pull  # noqa: F401
     except Exception as e:  # noqa: BLE001
         raise SkipBenchmark(f"layerfs.engine cannot be imported: {type(e).__name__}: {e}") from e
-    spec = ctx.pick(bench_image.FULL, bench_image.QUICK)
-    built = bench_image.cached(spec, ctx.cache_dir, log=_log)
+    built = bench_image.for_run(ctx, log=_log)
     meta = built.meta
     reg = None
     started = []
@@ -401,8 +400,11 @@ def suite(ctx):
                 f"{meta['rootfs_entries']:,}-entry rootfs")
         sizes_note = (f"image: {meta['tar_bytes'] / 1e6:.1f} MB of layer tars, {meta['gzip_bytes'] / 1e6:.1f} MB "
                       f"gzip (level 6), rootfs {meta['rootfs_entries']:,} entries / "
-                      f"{meta['rootfs_file_bytes'] / 1e6:.1f} MB after whiteouts; synthetic and deterministic "
-                      "(benchmarks/image.py says why not debootstrap)")
+                      f"{meta['rootfs_file_bytes'] / 1e6:.1f} MB after whiteouts; "
+                      + ("realistic: debootstrap minbase + python3 + cleanup layer, built "
+                         f"{meta.get('built_utc')} from {meta.get('mirror')} (benchmarks/realistic.py)"
+                         if meta.get("kind") == "realistic" else
+                         "synthetic and deterministic (benchmarks/image.py; --image realistic for debootstrap)"))
         verified: dict = {}
         # The contenders add their verification note to these lists (the Benchmarks' own notes).
         n_reg = [sizes_note, CACHE_NOTE,

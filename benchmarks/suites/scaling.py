@@ -230,10 +230,7 @@ def depth_curve(ctx):
                             m = Path(store.mount(name))
                             _first_lookup(m)
                     finally:
-                        try:
-                            store.unmount(name)
-                        finally:
-                            store.remove_container(name, force=True)
+                        store.remove_container(name, force=True)   # force: unmounts first
                     return t.elapsed
                 conts.append(Contender(f"layerfs {d}", once, role="layerfs", info={"driver": d}))
             pnotes = list(notes)

@@ -201,8 +201,7 @@ def suite(ctx):
     layerfs = ctx.layerfs()
     if not ctx.drivers:
         raise SkipBenchmark("no layerfs driver opens here")
-    spec = ctx.pick(bench_image.FULL, bench_image.QUICK)
-    built = bench_image.cached(spec, ctx.cache_dir, log=_log)
+    built = bench_image.for_run(ctx, log=_log)
     stores = {}
     daemon = None
     notes = [f"image: {built.meta['description']}",
