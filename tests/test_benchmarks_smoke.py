@@ -1,6 +1,6 @@
 """Smoke test of the benchmark harness: ``python -m benchmarks run --quick`` end to end.
 
-It runs a short subset of the suites (the per-driver ones that need no image, and
+It runs a short subset of the suites (open_store, per driver, and
 the scaling suite: every curve, two small points each, with the kernel-overlay,
 fuse-overlayfs, tar and podman peers; docker/containerd daemons are left to
 the full run because starting dockerd alone costs seconds) into a temporary
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = os.environ.get("LAYERFS_BENCH_SMOKE_SUITES", "mount,open_store,scaling")
+SUITES = os.environ.get("LAYERFS_BENCH_SMOKE_SUITES", "open_store,scaling")
 PEERS = "kernel-overlay,fuse-overlayfs,tar,podman"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the harness mounts overlays: needs root")

@@ -7,7 +7,9 @@ service is started by the install -- a temporary ``policy-rc.d`` refuses it).
 
 :mod:`benchmarks.peers.daemons` starts ``dockerd`` / ``containerd`` on a private
 unix socket and data dir (nothing listens on the network), stops them by PID and
-detaches every mount left under their data dir.
+detaches every mount left under their data dir. :mod:`benchmarks.peers.podman`
+gives daemonless podman a private --root/--runroot/storage.conf/containers.conf
+per flavour (overlay, vfs, overlay + fuse-overlayfs).
 """
 
 from __future__ import annotations

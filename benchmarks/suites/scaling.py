@@ -30,7 +30,7 @@ each curve as log-log lines (median per point, min–max band) in
                          holding as many containers of the same image.
 ``containers.open``      ``open_store`` + ``close`` of the store holding that many containers
                          (in process; no peer: podman has no in-process open).
-``pull.parallel``        1, 2, 4, 8 [1, 2] distinct 3-layer images (~30 MB each [~9 MB]) pulled
+``pull.parallel``        1, 2, 4, 8 [1, 2] distinct 3-layer images (~30 MB each [~2 MB]) pulled
                          concurrently from the local registry, one client process per image,
                          into one fresh store: ``layerfs pull`` (CLI) per driver vs ``docker
                          pull`` (private dockerd, overlay2) and ``podman pull`` (overlay), the
@@ -466,11 +466,11 @@ def containers_curve(ctx):
 
 
 def _par_spec(i: int, quick: bool) -> bench_image.ImageSpec:
-    n1, n2, b1, b2 = (800, 300, 6_000_000, 3_000_000) if quick else (2_000, 1_000, 20_000_000, 10_000_000)
+    n1, n2, b1, b2 = (300, 100, 1_500_000, 500_000) if quick else (2_000, 1_000, 20_000_000, 10_000_000)
     return bench_image.ImageSpec(
         base=synth.TreeSpec(files=n1, total_bytes=b1, seed=900 + 2 * i, symlinks=40, hardlinks=4, tag="b"),
         app=synth.TreeSpec(files=n2, total_bytes=b2, seed=901 + 2 * i, symlinks=10, hardlinks=2, tag="a"),
-        deleted_files=20, deleted_dirs=1, opaque_dirs=1, modified_files=5, seed=10 + i)
+        deleted_files=10 if quick else 20, deleted_dirs=1, opaque_dirs=1, modified_files=5, seed=10 + i)
 
 
 def _concurrently(cmds: list[list[str]], env=None) -> float:
@@ -565,7 +565,8 @@ def parallel_curve(ctx):
                 conts.append(Contender("podman pull overlay", p_once, role="reference", info=pm.info()))
             yield _with_between(_bench("pull.parallel", x, "images pulled concurrently",
                                        f"pull {x} distinct image(s) concurrently from the local registry",
-                                       conts, "docker pull overlay2", ctx, notes, runs=5, quick_runs=2, images=x),
+                                       conts, "docker pull overlay2", ctx, notes, runs=5, quick_runs=2,
+                                       warmup=0 if ctx.quick else 1, images=x),
                                 warm)
     finally:
         if docker is not None:
