@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                         return
 
             nursery.start_soon(on_signal)
-            await pyfuse3.main()
+            # One worker: every handler runs to completion without awaiting
+            # (fs.py), so more workers would only hand pyfuse3's read lock
+            # back and forth between tasks on every request.
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()
 
     try:

@@ -16,7 +16,10 @@ Caching.  Everything that changes the union goes through this daemon and so
 through the kernel, which keeps its dentry/attribute caches right; entries
 and attributes are given long timeouts (longest on read-only views), open
 files keep their page cache unless the file is open for writing somewhere,
-and a directory's listing is read once per opendir.
+and the kernel keeps directory listings in its page cache (with _lowlevel
+active it opens directories itself, see there; otherwise opendir returns the
+inode number as handle).  The daemon keeps a listing only while it is being
+read in pieces, until the union next changes.
 """
 
 from __future__ import annotations
