@@ -45,7 +45,7 @@ def reporter(as_json: bool) -> Iterator[Callable[[dict], None]]:
             task = tasks[digest]
             status = event.get("status", "")
             done = event.get("bytes")
-            if status in ("exists", "downloaded", "done", "applying"):
+            if status in ("exists", "downloaded", "done"):  # "applying" may come while downloading
                 done = event.get("total")
             progress.update(task, status=status, **({"completed": done} if done is not None else {}))
 

@@ -10,6 +10,9 @@
 4. The missing layers are applied (in parallel where the driver allows it)
    and published in one step by ``LayerStore.register_chain``; every blob's
    digest and every layer's diff id is checked before anything is visible.
+   A registry layer is applied while it downloads: its reader follows the
+   file the download is writing and sees the end only once the whole blob
+   proved good, so apply time and download time overlap.
 5. The image is recorded, holding one reference on each of its layers.
 
 Any failure leaves the store as it was.
@@ -18,6 +21,9 @@ Any failure leaves the store as it was.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
@@ -164,12 +170,22 @@ def pull(
         for i in range(first_missing):
             emit({"event": "layer", "digest": manifest.layers[i].digest, "status": "exists", "total": manifest.layers[i].size})
         remote = ref.transport == "docker"
-        if remote and first_missing < len(chain):
-            trio.run(_download_all, images, source, [manifest.layers[i] for i in range(first_missing, len(chain))], emit)
-        sources = []
-        for i, desc in enumerate(manifest.layers):
-            sources.append((_opener(images, source, desc, remote, emit), diff_ids[i]))
-        layers = images.store.register_chain(sources, parallel=opts.parallel)
+        downloads: dict[str, _Download] = {}
+        if remote:
+            for desc in manifest.layers[first_missing:]:
+                if desc.digest not in downloads and not images.content.has(desc.digest):
+                    downloads[desc.digest] = _Download(images.content, desc)
+        try:
+            sources = []
+            for i, desc in enumerate(manifest.layers):
+                sources.append((_opener(images, source, desc, downloads, emit), diff_ids[i]))
+            if downloads:
+                layers = trio.run(_download_and_register, images, source, sources, downloads, opts.parallel, emit)
+            else:
+                layers = images.store.register_chain(sources, parallel=opts.parallel)
+        finally:
+            for download in downloads.values():
+                download.discard()
         for i in range(first_missing, len(chain)):
             emit({"event": "layer", "digest": manifest.layers[i].digest, "status": "done", "total": manifest.layers[i].size})
         try:
@@ -193,44 +209,148 @@ def _has_layer(images: ImageStore, chain_id: str) -> bool:
         return False
 
 
-def _opener(images: ImageStore, source: ImageSource, desc: oci.Descriptor, remote: bool, emit: Progress):
+def _opener(images: ImageStore, source: ImageSource, desc: oci.Descriptor, downloads: dict, emit: Progress):
     def open_layer() -> BinaryIO:
         emit({"event": "layer", "digest": desc.digest, "status": "applying", "total": desc.size})
-        if remote:
+        download = downloads.get(desc.digest)
+        if download is not None:
+            return download.follow()
+        if images.content.has(desc.digest):
             return VerifyingReader(open(images.content.path(desc.digest), "rb"), desc.digest, desc.size)
         return VerifyingReader(source.open_blob(desc.digest, desc.size), desc.digest, desc.size)
 
     return open_layer
 
 
-async def _download_all(images: ImageStore, source: ImageSource, descs: list[oci.Descriptor], emit: Progress) -> None:
+async def _download_and_register(images: ImageStore, source: ImageSource, sources, downloads: dict, parallel: bool, emit: Progress):
+    """Download the blobs (in parallel) while register_chain applies them as they arrive."""
     limiter = trio.CapacityLimiter(MAX_PARALLEL_DOWNLOADS)
+    result: list = []
+
+    async def register() -> None:
+        try:
+            result.extend(await trio.to_thread.run_sync(lambda: images.store.register_chain(sources, parallel=parallel)))
+        finally:
+            for download in downloads.values():
+                download.cancel()  # a failed apply stops the downloads still running
+
     async with trio.open_nursery() as nursery:
-        for desc in descs:
-            if images.content.has(desc.digest):
-                emit({"event": "layer", "digest": desc.digest, "status": "downloaded", "total": desc.size})
-                continue
-            nursery.start_soon(_download_one, images, source, desc, emit, limiter)
+        for download in downloads.values():
+            # A download never raises: its error reaches the apply that reads it.
+            nursery.start_soon(lambda d: trio.to_thread.run_sync(d.run, source, emit, limiter=limiter), download)
+        nursery.start_soon(register)
+    return result
 
 
-async def _download_one(images, source, desc, emit, limiter) -> None:
-    def work() -> None:
-        emit({"event": "layer", "digest": desc.digest, "status": "downloading", "total": desc.size})
-        with source.open_blob(desc.digest, desc.size) as f:
-            images.content.ingest(_Counting(f, desc, emit), desc.digest, desc.size)
-        emit({"event": "layer", "digest": desc.digest, "status": "downloaded", "total": desc.size})
-
-    await trio.to_thread.run_sync(work, limiter=limiter)
+class _Cancelled(Exception):
+    pass
 
 
-class _Counting(ReadStream):
-    def __init__(self, inner, desc, emit):
-        self._inner, self._desc, self._emit, self._done, self._last = inner, desc, emit, 0, 0
+class _Download:
+    """One registry blob written into the content store, readable while it grows.
+
+    The blob goes to a temporary file next to its final place; readers made
+    by :meth:`follow` read that file up to what has been written and get the
+    end of the stream only after the whole blob was verified (or the
+    download's error).  The verified file is renamed into the content store.
+    """
+
+    def __init__(self, content, desc: oci.Descriptor):
+        self.desc = desc
+        self.final = content.path(desc.digest)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.final.parent, prefix=".ingest-")
+        os.close(fd)
+        self._cond = threading.Condition()
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def run(self, source: ImageSource, emit: Progress) -> None:
+        digest, size = self.desc.digest, self.desc.size
+        emit({"event": "layer", "digest": digest, "status": "downloading", "total": size})
+        try:
+            sha = hashlib.sha256()
+            last = 0
+            with open(self.tmp, "wb") as out, source.open_blob(digest, size) as blob:
+                while chunk := blob.read(1 << 20):
+                    if self._cancelled:
+                        raise _Cancelled()
+                    sha.update(chunk)
+                    out.write(chunk)
+                    out.flush()  # readers use their own descriptor
+                    with self._cond:
+                        self.written += len(chunk)
+                        if self.written > size:
+                            raise DigestMismatch(f"blob {digest} is longer than its {size} bytes (corrupted)")
+                        self._cond.notify_all()
+                    if self.written - last >= (4 << 20):
+                        last = self.written
+                        emit({"event": "layer", "digest": digest, "status": "downloading", "bytes": self.written, "total": size})
+            if self.written != size:
+                raise DigestMismatch(f"blob {digest} ended after {self.written} of {size} bytes (truncated)")
+            actual = "sha256:" + sha.hexdigest()
+            if actual != digest:
+                raise DigestMismatch(f"blob {digest} has digest {actual} (corrupted)")
+            with self._cond:
+                os.replace(self.tmp, self.final)
+                self.done = True
+                self._cond.notify_all()
+            emit({"event": "layer", "digest": digest, "status": "downloaded", "total": size})
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # handed to the reader; see _download_and_register
+            with self._cond:
+                self.error = exc
+                self._cond.notify_all()
+
+    def follow(self) -> BinaryIO:
+        with self._cond:
+            return _Follower(self, os.open(self.final if self.done else self.tmp, os.O_RDONLY | os.O_CLOEXEC))
+
+    def wait_for(self, pos: int) -> int:
+        """Bytes readable from *pos* on: > 0, or 0 at the verified end; raises the download's error."""
+        with self._cond:
+            while pos >= self.written and not self.done and self.error is None and not self._cancelled:
+                self._cond.wait()
+            if self.error is not None:
+                raise self.error
+            if self._cancelled and not self.done and pos >= self.written:
+                raise LayerfsError(f"download of blob {self.desc.digest} was cancelled")
+            return self.written - pos
+
+    def discard(self) -> None:
+        """Remove the temporary file unless the blob made it into the store."""
+        if not self.done:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+class _Follower(ReadStream):
+    def __init__(self, download: _Download, fd: int):
+        self._download = download
+        self._fd = fd
+        self._pos = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self._inner.read(n)
-        self._done += len(data)
-        if self._done - self._last >= (4 << 20) or not data:
-            self._last = self._done
-            self._emit({"event": "layer", "digest": self._desc.digest, "status": "downloading", "bytes": self._done, "total": self._desc.size})
+        available = self._download.wait_for(self._pos)
+        if available == 0:
+            return b""
+        want = available if n is None or n < 0 else min(n, available)
+        data = os.pread(self._fd, want, self._pos)
+        self._pos += len(data)
         return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()

@@ -347,6 +347,8 @@ class FaultProxy:
     ``"corrupt"``  send the whole body with one byte flipped in the middle
     ``"redirect"`` answer 307 with the registry's own URL (another origin), as
                    registries backed by object storage do
+    ``"hold"``     send half of a body over 4 KiB (a layer, not a config), then
+                   wait until ``release`` is set before sending the rest
 
     ``times`` limits how many requests get the fault (None: all); ``strip_range``
     drops Range headers (a server without range support).  ``requests`` records
@@ -360,6 +362,7 @@ class FaultProxy:
     strip_range: bool = False
     redirect_port: int | None = None  # where "redirect" points (default: the upstream)
     requests: list = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
     faults_done: int = 0
 
     def __post_init__(self):
@@ -498,12 +501,18 @@ class FaultProxy:
                 return
             limit = total // 2 if fault in ("cut", "short") else total
             flip_at = total // 2 if fault == "corrupt" else -1
+            hold_at = total // 2 if fault == "hold" and total > 4096 else -1
             sent = 0
             while sent < limit:
+                if hold_at >= 0 and sent >= hold_at:
+                    h.wfile.flush()
+                    self.release.wait(60)
+                    hold_at = -1
+                end = limit if hold_at < 0 else min(limit, max(hold_at, sent + 1))
                 if body is not None:
-                    data = body[sent:limit]
+                    data = body[sent:end]
                 else:
-                    data = resp.read(min(PROXY_CHUNK, limit - sent))
+                    data = resp.read(min(PROXY_CHUNK, end - sent))
                 if not data:
                     break
                 if sent <= flip_at < sent + len(data):
