@@ -192,6 +192,14 @@ def test_listing_read_in_pieces_while_entries_go(drv):
     assert set(os.listdir(mp / "big")) == everything - (doomed - set(seen[:11]))
 
 
+def test_lowlevel_hooks_are_active(drv):
+    """With this pyfuse3/libfuse the daemon wraps pyfuse3's operations table (else: slower, see _lowlevel)."""
+    layer(drv, "l1", None, _base())
+    mp = container(drv, "c", "l1")
+    assert sorted(os.listdir(mp)) == sorted(os.listdir(drv.home / "l1" / "diff"))
+    log = (drv.home / "run" / "c.log").read_text()
+    assert "mounted" in log and "not wrapped" not in log, log
+
 def test_daemon_without_its_lowlevel_hooks(drv, tmp_path):
     """--no-lowlevel (pyfuse3's own operations table: opendir served, writes copied) gives the same union."""
     layer(drv, "l1", None, _base())
