@@ -12,7 +12,8 @@ On disk, under ``<root>/devicemapper``::
 
     metadata.json   device ids, sizes, parents, the pool's transaction id, the pending operation
     lock            flock guarding metadata.json across processes
-    mnt/<id>/       where a device is mounted; the layer's files are in mnt/<id>/rootfs
+    mnt/<id>/rootfs the layer's view: a bind mount of the device's rootfs directory
+    mnt/<id>/dev    where the device is mounted for a moment to make that bind
     loop/data       loop pools only: sparse data and metadata files
     loop/metadata
     directlvm.json  dm.directlvm_device only: the VG this store made
@@ -42,6 +43,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from ... import _mountapi, archive
@@ -215,7 +217,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
         return self._mnt(id) / "rootfs"
 
     def is_mounted(self, id: str) -> bool:
-        return _mountapi.is_mountpoint(str(self._mnt(id)))
+        return _mountapi.is_mountpoint(str(self.mount_path(id)))
 
     def exists(self, id: str) -> bool:
         return id in self._load()["devices"]
@@ -257,24 +259,76 @@ class DevicemapperDriver(Transactions, Activation, Driver):
                 raise
 
     def get(self, id: str, *, readonly: bool = False) -> Path:
-        mnt = self._mnt(id)
-        if _mountapi.is_mountpoint(str(mnt)):
-            return mnt / "rootfs"
+        view = self.mount_path(id)
+        if _mountapi.is_mountpoint(str(view)):
+            try:
+                if int((self._mnt(id) / "view-pid").read_text()) != os.getpid():
+                    self._view_owner(id, None)  # another process's diff view: this caller adopts it
+            except (FileNotFoundError, ValueError):
+                pass
+            return view
         rec = self._load()["devices"].get(id)
         if rec is None:
-            raise FileNotFoundError(errno.ENOENT, f"devicemapper layer {id} has no device", str(mnt))
+            raise FileNotFoundError(errno.ENOENT, f"devicemapper layer {id} has no device", str(view))
+        self._umount_view(id)  # a half-made view a crash left
         dev = self._activate(id, rec)
         try:
-            mnt.mkdir(exist_ok=True)
-            self._mount(id, dev, mnt, readonly)
+            return self._mount_view(id, dev, readonly)
         except BaseException:
             self._deactivate(id)
             raise
-        return mnt / "rootfs"
 
     def put(self, id: str) -> None:
-        self._umount(self._mnt(id))
+        self._umount_view(id)
         self._deactivate(id)
+        self._view_owner(id, None)
+
+    # -- views the diff mounts for itself ---------------------------------------------
+    # changes/export/commit mount a container and its parent for a moment; the graph
+    # counts none of these mounts.  A process killed meanwhile would leave them
+    # mounted for good, so each such view is marked with the pid that made it
+    # (mnt/<id>/view-pid) and the next open unmounts views whose process is gone.
+    def _view_owner(self, id: str, pid: int | None) -> None:
+        mark = self._mnt(id) / "view-pid"
+        if pid is None:
+            mark.unlink(missing_ok=True)
+        else:
+            self._mnt(id).mkdir(exist_ok=True)
+            mark.write_text(str(pid))
+
+    @contextmanager
+    def _views(self, id: str, parent: str | None):
+        own = [k for k in (id, parent) if k is not None and not self.is_mounted(k)]
+        for k in own:
+            self._view_owner(k, os.getpid())
+        try:
+            with super()._views(id, parent) as views:
+                yield views
+        finally:
+            for k in own:
+                self._view_owner(k, None)
+
+    def _reap_views(self, repair: bool) -> list[str]:
+        found = []
+        try:
+            entries = os.listdir(self.home / "mnt")
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            try:
+                pid = int((self.home / "mnt" / entry / "view-pid").read_text())
+                os.kill(pid, 0)
+                continue  # its process is alive
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except (ValueError, ProcessLookupError):
+                pass
+            except PermissionError:
+                continue
+            found.append(f"devicemapper: {entry} was left mounted by a diff whose process died")
+            if repair:
+                self.put(entry)
+        return found
 
     def remove(self, id: str) -> None:
         self.put(id)
@@ -287,10 +341,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
                     raise InUse(f"devicemapper device {id} is still open; close what uses it "
                                 "(or set dm.use_deferred_removal and dm.use_deferred_deletion)")
                 self._delete_device(meta, id, rec)
-        try:
-            self._mnt(id).rmdir()
-        except OSError:
-            pass
+        self._remove_mnt_dir(id)
 
     def status(self) -> dict:
         st = self.pool_status()
@@ -326,6 +377,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
     def cleanup(self, repair: bool = True, deep: bool = False) -> list[str]:
         found: list[str] = []
         with self._locked() as meta:
+            found += self._reap_views(repair)
             if meta.get("pending") is not None:
                 found += self._recover(meta) if repair else [f"devicemapper: an interrupted {meta['pending']['op']}"]
             if repair:
@@ -345,7 +397,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
                             except DMError as exc:
                                 found.append(f"devicemapper: cannot remove {name}: {exc}")
                 for entry in os.listdir(self.home / "mnt"):
-                    if entry not in meta["devices"] and not _mountapi.is_mountpoint(str(self.home / "mnt" / entry)):
+                    if entry not in meta["devices"] and not _mountapi.mounts_under(str(self.home / "mnt" / entry)):
                         if repair:
                             remove_tree(str(self.home / "mnt" / entry))
                 unknown = self._unknown_thin_ids(meta)
@@ -381,7 +433,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
         for name in sorted(self.ctl.list_devices()):
             if name.startswith(self.prefix + "-") and name != self.pool.name:
                 key = name[len(self.prefix) + 1 :]
-                self._umount(self._mnt(BASE if key == "base" else key))
+                self._umount_view(BASE if key == "base" else key)
                 self._deactivate(BASE if key == "base" else key)
         if remove_pool and self.pool.kind == "loop":
             poolmod.teardown_loop(self.ctl, self.pool)

@@ -110,6 +110,37 @@ class Activation:
     def _umount(self, target: Path) -> None:
         _mountapi.unmount_retrying(str(target))
 
+    # -- a layer's view: <home>/mnt/<id>/rootfs, a mount point of its own ----------
+    # The device is mounted at mnt/<id>/dev, its rootfs directory bind-mounted on
+    # mnt/<id>/rootfs (a directory of the store's filesystem, so the path the
+    # graph hands out is a real mount point), and the device mount dropped again:
+    # the bind keeps the filesystem alive and one umount releases it.
+    def _mount_view(self, id: str, dev_path: str, readonly: bool) -> Path:
+        mnt = self._mnt(id)
+        stage, view = mnt / "dev", mnt / "rootfs"
+        for d in (mnt, stage, view):
+            d.mkdir(exist_ok=True)
+        self._mount(id, dev_path, stage, readonly)
+        try:
+            _mountapi.mount(str(stage / "rootfs"), str(view), "none", _mountapi.MS_BIND)
+        finally:
+            self._umount(stage)
+        return view
+
+    def _umount_view(self, id: str) -> None:
+        mnt = self._mnt(id)
+        for target in (mnt / "rootfs", mnt / "dev", mnt):  # dev, mnt: left by a crash or an older layout
+            self._umount(target)
+
+    def _remove_mnt_dir(self, id: str) -> None:
+        mnt = self._mnt(id)
+        (mnt / "view-pid").unlink(missing_ok=True)
+        for d in (mnt / "rootfs", mnt / "dev", mnt):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
     # -- the base device --------------------------------------------------------
     def _make_base(self, meta: dict) -> None:
         old = meta.get("base")
@@ -146,8 +177,8 @@ class Activation:
     def _grow(self, id: str, rec: dict) -> None:
         """Grow a new device's filesystem to the device's (larger) size."""
         dev = self._activate(id, rec)
-        mnt = self._mnt(id)
-        mnt.mkdir(exist_ok=True)
+        mnt = self._mnt(id) / "dev"
+        mnt.mkdir(parents=True, exist_ok=True)
         try:
             self._mount(id, dev, mnt, readonly=False)
             try:

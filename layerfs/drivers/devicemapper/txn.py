@@ -254,7 +254,15 @@ class Transactions:
         meta_dev = self._metadata_device()
         if meta_dev is None:
             return None
-        self._message(dmioctl.MSG_RESERVE_METADATA_SNAP)
+        try:
+            self._message(dmioctl.MSG_RESERVE_METADATA_SNAP)
+        except DMError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # A snapshot is reserved already: left by a process killed between reserve
+            # and release (callers hold the store lock, so no live one owns it).
+            self._message(dmioctl.MSG_RELEASE_METADATA_SNAP)
+            self._message(dmioctl.MSG_RESERVE_METADATA_SNAP)
         try:
             proc = subprocess.run(["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", meta_dev],
                                   capture_output=True, text=True)
