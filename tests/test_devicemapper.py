@@ -7,8 +7,8 @@ store is on the VM's disk-backed scratch with a small loop pool (or on a
 spare virtio disk for direct-lvm) and is torn down (devices, pool, loop
 devices) at the end.
 
-A subset of the conformance suite runs here on devicemapper too: the test
-functions are imported below and get this module's ``store`` fixture.
+The whole conformance suite runs on devicemapper as well (tests/conftest.py
+parametrises it; tests/dmstore.py makes its stores cheap).
 """
 
 from __future__ import annotations
@@ -28,61 +28,18 @@ from layerfs import errors
 
 from conformance import mounted, register_bytes
 from conftest import detach_mounts_under
+from dmstore import SMALL, missing, require_dm, scratch, teardown_home
 from tarbuild import LayerTar
 
-IN_VM = os.environ.get("LAYERFS_IN_VM") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.vm
 
-#: Small enough for the VM: xfs needs >= 300M; the loop files are sparse.
-SMALL = {"dm.basesize": "512M", "dm.loopdatasize": "2G", "dm.loopmetadatasize": "16M"}
-
-
-def _missing(reason: str):
-    if IN_VM:
-        pytest.fail(f"inside the VM: {reason}")
-    pytest.skip(reason)
-
-
-def _require_dm():
-    if os.geteuid() != 0:
-        _missing("devicemapper tests need root")
-    from layerfs.drivers.devicemapper import dmioctl
-
-    try:
-        dmioctl.kernel_version()
-    except OSError as e:
-        _missing(f"no working device-mapper: {dmioctl.CONTROL_PATH}: {os.strerror(e.errno)}")
-
-
-def _scratch(tmp_path: Path) -> Path:
-    """A fresh directory on a disk-backed filesystem in the VM (tmp_path elsewhere)."""
-    disk = os.environ.get("LAYERFS_VM_DISK_SCRATCH")
-    if not disk:
-        return tmp_path
-    d = Path(disk) / tmp_path.name
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def teardown_home(home: Path) -> None:
-    """Deactivate every device of the store at *home* and its loop pool; leave nothing behind."""
-    from layerfs.drivers.devicemapper import DevicemapperDriver
-
-    detach_mounts_under(home)
-    if (home / "metadata.json").exists():
-        drv = DevicemapperDriver(home, {})
-        try:
-            drv.deactivate_all()
-        finally:
-            drv.close()
-
 
 @pytest.fixture
 def dm_home(tmp_path):
-    _require_dm()
-    home = _scratch(tmp_path) / "devicemapper"
+    require_dm()
+    home = scratch(tmp_path) / "devicemapper"
     home.mkdir(parents=True)
     yield home
     teardown_home(home)
@@ -105,42 +62,6 @@ def _known_ids(drv) -> set[int]:
     meta = drv._load()
     return {meta["base"]["device_id"]} | {r["device_id"] for r in meta["devices"].values()} | {
         r["device_id"] for r in meta["deferred"].values()}
-
-
-# ------------------------------------------------------------ conformance subset
-@pytest.fixture
-def driver_name():
-    return "devicemapper"
-
-
-@pytest.fixture
-def store_root(tmp_path):
-    _require_dm()
-    root = _scratch(tmp_path) / "root"
-    root.mkdir(parents=True)
-    yield root
-    teardown_home(root / "devicemapper")
-    shutil.rmtree(root.parent, ignore_errors=True)
-
-
-@pytest.fixture
-def store(store_root):
-    s = layerfs.open_store(store_root, driver="devicemapper", options=SMALL)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-from conformance.test_changes import base  # noqa: E402,F401  (a fixture the imported tests use)
-from conformance.test_changes import test_changes_kinds, test_commit_round_trip  # noqa: E402,F401
-from conformance.test_changes import test_exported_diff_applies_deletions_on_another_container  # noqa: E402,F401
-from conformance.test_containers import test_containers_are_isolated, test_containers_survive_reopen  # noqa: E402,F401
-from conformance.test_containers import test_root_permission_0755, test_view_is_read_only  # noqa: E402,F401
-from conformance.test_containers import test_writes_persist_across_mounts  # noqa: E402,F401
-from conformance.test_layers import test_chain_ids_follow_oci_image_spec  # noqa: E402,F401
-# (test_released_layer_files_are_reclaimed cannot see inside the loop file; the
-# lifecycle test below checks that blkdiscard gives its blocks back instead.)
 
 
 # ---------------------------------------------------------------- driver level
@@ -218,8 +139,8 @@ def test_lifecycle_copy_on_write_grow_and_status(dm_home):
 
 
 def test_graph_apply_whiteouts_and_pool_full_refusal(tmp_path):
-    _require_dm()
-    root = _scratch(tmp_path) / "root"
+    require_dm()
+    root = scratch(tmp_path) / "root"
     # 1 GiB of data: the formatted base takes ~7%; 88% free required
     opts = {**SMALL, "dm.loopdatasize": "1G", "dm.min_free_space": "88%"}
     try:
@@ -275,8 +196,8 @@ _KILLER = textwrap.dedent("""
 
 def test_crash_between_pool_message_and_metadata_record(tmp_path):
     """kill -9 after each pool message of create and remove; reopening leaks no thin device, loses no layer."""
-    _require_dm()
-    root = _scratch(tmp_path) / "root"
+    require_dm()
+    root = scratch(tmp_path) / "root"
     script = tmp_path / "killer.py"
     script.write_text(_KILLER.format(repo=str(REPO)))
 
@@ -363,14 +284,14 @@ def test_deferred_removal_and_deletion_of_a_busy_device(dm_home):
 
 def test_direct_lvm_on_a_spare_disk(tmp_path):
     """dm.directlvm_device: layerfs makes the PV, VG, thin pool and autoextend profile; reactivation works."""
-    _require_dm()
+    require_dm()
     disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", "").split()
     if not disks:
-        _missing("no spare disk for direct-lvm (LAYERFS_VM_SPARE_DISKS)")
+        missing("no spare disk for direct-lvm (LAYERFS_VM_SPARE_DISKS)")
     from layerfs.drivers.devicemapper import DevicemapperDriver, pool as poolmod
 
     disk = disks[0]
-    home = _scratch(tmp_path) / "devicemapper"
+    home = scratch(tmp_path) / "devicemapper"
     home.mkdir(parents=True)
     opts = {"dm.basesize": "512M", "dm.directlvm_device": disk, "dm.thinp_percent": "80", "dm.thinp_metapercent": "2",
             "dm.thinp_autoextend_threshold": "70", "dm.thinp_autoextend_percent": "25"}
@@ -409,6 +330,83 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
         drv.close()
         detach_mounts_under(home)
         _wipe_disk(disk, vg_lv.split("/")[0] if vg_lv else None)
+
+
+def test_direct_lvm_ext4_and_autoextend_policy(tmp_path):
+    """dm.fs=ext4 through the whole store on a direct-lvm pool, and the pool's autoextend profile at work.
+
+    No dmeventd runs in the VM (lvm monitoring is off without udev), so nothing
+    extends the pool by itself here: the test fills the pool past
+    dm.thinp_autoextend_threshold and runs what dmeventd would run,
+    ``lvextend --use-policies``, which reads the profile layerfs attached.
+    """
+    require_dm()
+    disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", "").split()
+    if len(disks) < 2:
+        missing("no second spare disk for direct-lvm (LAYERFS_VM_SPARE_DISKS)")
+    from layerfs.drivers.devicemapper import pool as poolmod
+
+    disk = disks[1]
+    root = scratch(tmp_path) / "root"
+    # a small pool (20% of the 2 GiB disk) so that ~200 MB fills it past lvm's minimum threshold of 50%
+    opts = {"dm.directlvm_device": disk, "dm.fs": "ext4", "dm.basesize": "256M", "dm.thinp_percent": "20",
+            "dm.thinp_metapercent": "1", "dm.thinp_autoextend_threshold": "50",
+            "dm.thinp_autoextend_percent": "20", "dm.min_free_space": "5%"}
+    vg = None
+    try:
+        with layerfs.open_store(root, driver="devicemapper", options=opts) as s:
+            vg_lv = s.driver.pool.lv
+            vg = vg_lv.split("/")[0]
+            st = s.status()["probes"]
+            assert st["fs"] == "ext4" and st["pool_kind"] == "directlvm"
+            lower = register_bytes(s, LayerTar().dir("etc").file("etc/a", b"a").file("etc/b", b"b").bytes())
+            upper = register_bytes(s, LayerTar().whiteout("etc/a").file("etc/c", b"c").bytes(), parent=lower.chain_id)
+            s.create_container("c", upper.chain_id, size=512 << 20)  # larger than the base: resize2fs
+            with mounted(s, "c") as mp:
+                assert sorted(os.listdir(mp / "etc")) == ["b", "c"]
+                with open("/proc/self/mounts") as f:
+                    assert any(line.split()[1] == str(mp) and line.split()[2] == "ext4" for line in f)
+                vfs = os.statvfs(mp)
+                assert vfs.f_blocks * vfs.f_frsize > 400 << 20
+                # fill the pool past the autoextend threshold
+                with open(mp / "fill", "wb") as f:
+                    for _ in range(40):
+                        f.write(os.urandom(8 << 20))
+                        f.flush()
+                        os.fsync(f.fileno())
+                        if s.driver.pool_status().data_percent > 56:
+                            break
+            row = poolmod.lvs(vg_lv)
+            assert row["lv_profile"] == f"{vg}-thinpool"
+            profile = (poolmod.profile_dir() / f"{row['lv_profile']}.profile").read_text()
+            assert "thin_pool_autoextend_threshold=50" in profile and "thin_pool_autoextend_percent=20" in profile
+            used_pct = float(row["data_percent"])
+            assert used_pct > 50, f"the pool is only {used_pct}% full; the policy would not extend it"
+            before_lv, before_dm = int(row["lv_size"]), s.driver.pool_status().data_total
+            poolmod.lvm("lvextend", "--use-policies", vg_lv)
+            after_lv, after_dm = int(poolmod.lvs(vg_lv)["lv_size"]), s.driver.pool_status().data_total
+            assert after_lv >= before_lv * 1.19, (before_lv, after_lv)
+            assert after_dm >= before_dm * 1.19, "the pool device the driver uses did not grow"
+            s.create_container("after-extend", upper.chain_id)
+        # reopened without dm.fs: the store's base filesystem (ext4) is used, not the xfs default
+        with layerfs.open_store(root, driver="devicemapper", options={"dm.directlvm_device": disk}) as s:
+            assert s.status()["probes"]["fs"] == "ext4"
+            with mounted(s, "c") as mp:
+                assert (mp / "etc/c").read_bytes() == b"c" and (mp / "fill").stat().st_size >= 8 << 20
+            assert s.check() == []
+            s.driver.deactivate_all()
+    finally:
+        try:
+            teardown_home(root / "devicemapper")
+        except Exception as exc:  # noqa: BLE001 - the disk is wiped below anyway
+            sys.stderr.write(f"teardown of {root}: {exc}\n")
+        if vg is None:
+            try:
+                vg = str(poolmod.lvm("pvs", "--noheadings", "-o", "vg_name", disk)).strip() or None
+            except poolmod.PoolError:
+                vg = None
+        _wipe_disk(disk, vg)
+        shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def _wipe_disk(disk: str, vg: str | None) -> None:

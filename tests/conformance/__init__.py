@@ -68,9 +68,46 @@ def changes_of(store, name) -> list[tuple[str, str]]:
     return [(c.path, c.kind) for c in store.changes(name)]
 
 
-def files_containing(root, marker: bytes) -> list[str]:
-    """Regular files under *root* (not crossing mounts) whose content contains *marker*."""
-    found = []
+def data_extents(fd: int):
+    """(start, end) of each data extent of the open file *fd* (SEEK_DATA / SEEK_HOLE); holes are skipped."""
+    size = os.fstat(fd).st_size
+    off = 0
+    while off < size:
+        try:
+            off = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole is left
+            raise
+        end = os.lseek(fd, off, os.SEEK_HOLE)
+        yield off, end
+        off = end
+
+
+def _count_in_file(path, marker: bytes) -> int:
+    """How often *marker* occurs in a file, reading only its data extents (holes read as zeros)."""
+    n = 0
+    with open(path, "rb") as f:
+        for off, end in data_extents(f.fileno()):
+            tail = b""
+            while off < end:
+                buf = os.pread(f.fileno(), min(4 << 20, end - off), off)
+                if not buf:
+                    break
+                n += (tail + buf).count(marker)
+                tail = buf[-(len(marker) - 1):] if len(marker) > 1 else b""
+                off += len(buf)
+    return n
+
+
+def marker_counts(root, marker: bytes) -> dict[str, int]:
+    """{path: occurrences of *marker*} for the regular files under *root* (not crossing mounts) that hold it.
+
+    Files over 256 MiB of allocated space are not searched.  Sparse files are
+    read only where they hold data (SEEK_DATA): that covers the loop files a
+    devicemapper store keeps its thin pool in, where all the layers' contents live.
+    """
+    found = {}
     root_dev = os.lstat(root).st_dev
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames
@@ -79,14 +116,24 @@ def files_containing(root, marker: bytes) -> list[str]:
             p = os.path.join(dirpath, fn)
             try:
                 st = os.lstat(p)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > (64 << 20):
+                if not stat.S_ISREG(st.st_mode) or st.st_blocks * 512 > (256 << 20):
                     continue
-                with open(p, "rb") as f:
-                    if marker in f.read():
-                        found.append(p)
+                n = _count_in_file(p, marker)
             except OSError:
                 continue
+            if n:
+                found[p] = n
     return found
+
+
+def files_containing(root, marker: bytes) -> list[str]:
+    """Regular files under *root* (not crossing mounts) whose content contains *marker*."""
+    return sorted(marker_counts(root, marker))
+
+
+def copies_of(root, marker: bytes) -> int:
+    """How many copies of *marker* the files under *root* hold (a devicemapper pool is one file)."""
+    return sum(marker_counts(root, marker).values())
 
 
 def listing(root, ignore_suffixes=("-wal", "-shm", "-journal")) -> set[str]:

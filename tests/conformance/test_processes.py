@@ -18,7 +18,7 @@ import pytest
 import layerfs
 from layerfs import errors
 
-from conformance import chain_ids_of, container_names, files_containing, mounted, register_bytes
+from conformance import chain_ids_of, container_names, copies_of, files_containing, mounted, register_bytes
 from conftest import mounts_under
 from tarbuild import LayerTar
 
@@ -119,7 +119,7 @@ def test_concurrent_register_of_same_content(store, store_root, driver_name, wor
     (cid,) = set(outs)
     assert chain_ids_of(store.layers()) == {cid}
     # one copy on disk, four references
-    assert len(files_containing(store_root, marker)) == 50
+    assert copies_of(store_root, marker) == 50
     for _ in range(3):
         store.release(cid)
         assert store.layer(cid)
@@ -226,7 +226,7 @@ def test_kill_during_commit(store, store_root, driver_name):
         for i in range(400):
             (mp / f"data/f{i:04d}").write_bytes(marker + (b"%06d" % i) * ((16 << 10) // 6))
     store.close()
-    baseline = len(files_containing(store_root, marker))  # the container's own copies
+    baseline = copies_of(store_root, marker)  # the container's own copies
     for delay in KILL_DELAYS:
         _kill_during(store_root, driver_name, delay, "commit", "c")
         with _reopen(store_root, driver_name) as s:
@@ -243,7 +243,7 @@ def test_kill_during_commit(store, store_root, driver_name):
             with mounted(s, "c") as mp:
                 _verify_big(mp, marker)
             s.gc()
-            assert len(files_containing(store_root, marker)) == baseline, \
+            assert copies_of(store_root, marker) == baseline, \
                 f"delay {delay}: an unfinished or released commit left files behind"
             assert s.check() == []
 
