@@ -5,7 +5,7 @@ To add one: write a module with ``suite(ctx)`` (build fixtures, ``yield`` one
 and list it here. Suites run in this order unless ``--suite`` picks some.
 """
 
-from . import changes, fs, mount, open_store, pull, register, scaling, snapshot
+from . import changes, dm, fs, mount, open_store, pull, register, scaling, snapshot
 
 SUITES = {
     "register": register.suite,
@@ -16,6 +16,7 @@ SUITES = {
     "pull": pull.suite,
     "snapshot": snapshot.suite,
     "scaling": scaling.suite,
+    "dm": dm.suite,  # devicemapper only; runs in the VM: tests/vm/bench_dm.py
 }
 # Run once per layerfs driver (rows NAME[driver]); the others compare drivers inside one benchmark.
 PER_DRIVER = {"register", "mount", "changes", "open_store"}

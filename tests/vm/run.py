@@ -477,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                     help="kernel and initramfs cache (default $LAYERFS_VM_CACHE or ~/.cache/layerfs-vm)")
     ap.add_argument("--cmd", help="run this shell command in the guest instead of pytest (debugging)")
+    ap.add_argument("--results", type=Path, metavar="DIR",
+                    help="copy what the guest wrote to $LAYERFS_VM_SHARE/results (e.g. benchmark results) "
+                         "to DIR on the host")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     extra = args.pytest_args
@@ -544,6 +547,9 @@ def run_vm(args, extra: list[str], t_start: float) -> int:
         qrc, ready, timed_out = boot(cmd, args.timeout)
         elapsed = time.monotonic() - t_boot
 
+        if args.results and (share / "results").is_dir():
+            shutil.copytree(share / "results", args.results, dirs_exist_ok=True)
+            log(f"copied the guest's results to {args.results}")
         if args.junit and (share / "junit.xml").exists():
             args.junit.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(share / "junit.xml", args.junit)
