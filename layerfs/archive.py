@@ -76,10 +76,6 @@ class _HashingReader(ReadStream):
             self.count += len(data)
         return data
 
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
 
 class _HashingWriter(io.RawIOBase):
     def __init__(self, inner: BinaryIO):
@@ -643,46 +639,60 @@ def _time_ns(m: Member, key: str) -> int:
     return int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
 
 
-_STREAM_ERRORS = (
+STREAM_ERRORS = (
     TarFormatError, EOFError, zlib.error, zlib_ng.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeError
 )
 
 
 def apply_tar(
-    src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat
+    src: BinaryIO, dest: str | Path, fmt: WhiteoutFormat, *, isolate: bool = False
 ) -> ApplyResult:
     """Apply a (possibly compressed) layer tar read from *src* into *dest*.
 
     *dest* must exist.  On error the directory is left partly written; the caller owns it and
-    removes it.
+    removes it.  With *isolate*, the entries are written by a worker process
+    while this one reads, decompresses and hashes (see
+    :mod:`layerfs._applyproc`): layers applied side by side then use every
+    core instead of sharing one interpreter lock.
     """
     stream, compression = decompressed(src)
-    reader = _HashingReader(stream)
-    applier = _Applier(os.fspath(dest), fmt)
     try:
-        return _apply_all(reader, applier, compression)
+        if isolate:
+            from . import _applyproc
+
+            worker = _applyproc.spawn(os.fspath(dest), fmt)
+            if worker is not None:
+                return _applyproc.apply_in_worker(worker, stream, os.fspath(dest), compression)
+        reader = _HashingReader(stream)
+        applied = apply_entries(reader, os.fspath(dest), fmt)
+        return ApplyResult("sha256:" + reader.sha.hexdigest(), applied.size, compression, applied.whiteouts)
     finally:
-        applier.writer.close()
         if stream is not src:
             stream.close()  # stops a decompressor thread; the caller still owns src
 
 
-def _apply_all(reader: _HashingReader, applier: _Applier, compression: str) -> ApplyResult:
+def apply_entries(reader: BinaryIO, dest: str, fmt: WhiteoutFormat) -> ApplyResult:
+    """Write the tar entries read from *reader* (uncompressed) into *dest*, reading to its end.
+
+    The result's diff_id is empty: whoever reads the stream hashes it.
+    """
+    applier = _Applier(dest, fmt)
     try:
         tf = TarReader(io.BufferedReader(reader, CHUNK))
         for member in tf:
             applier.apply_member(tf, member)
-        reader.drain()
+        while reader.read(CHUNK):
+            pass  # the digest covers what follows the end-of-archive blocks too
         applier.finish()
-    except _STREAM_ERRORS as exc:
+    except STREAM_ERRORS as exc:
         raise InvalidLayer(f"layer tar is truncated or malformed ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise
         raise InvalidLayer(f"layer cannot be applied: {exc}") from None
-    return ApplyResult(
-        "sha256:" + reader.sha.hexdigest(), applier.size, compression, tuple(sorted(applier.overlay_whiteouts))
-    )
+    finally:
+        applier.writer.close()
+    return ApplyResult("", applier.size, "none", tuple(sorted(applier.overlay_whiteouts)))
 
 
 # -- export ------------------------------------------------------------------

@@ -54,6 +54,9 @@ from .metadata import Metadata
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _HEX_RE = re.compile(r"^(sha256:)?[0-9a-f]{4,64}$")
+# Layers at least this big (as stored) are applied by a worker process when
+# several are applied side by side; smaller ones are not worth its start-up.
+ISOLATE_MIN_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,10 @@ class LayerStore:
         (known by expected diff id) are not read.  With every diff id known
         and a driver whose layers are independent directories, the tars are
         applied in parallel; nothing becomes visible until all of them are
-        applied and verified, and then all at once.
+        applied and verified, and then all at once.  Big layers (a path's
+        size, or a ``size_hint`` attribute on the callable or file object, of
+        at least ISOLATE_MIN_BYTES) are then written by worker processes, so
+        they use every core.
         """
         for _, expected in sources:
             if expected is not None and not digest.is_digest(expected):
@@ -362,12 +368,16 @@ class LayerStore:
 
         def fill(i: int) -> archive.ApplyResult:
             src, expected, cache_id = plan[i]
-            result = _apply_source(self.driver, cache_id, parents[i], src)
+            # Why a worker process per big layer: threads applying side by
+            # side share one interpreter lock, so one core (see _applyproc).
+            isolate = side_by_side and _source_size(src) >= ISOLATE_MIN_BYTES
+            result = _apply_source(self.driver, cache_id, parents[i], src, isolate=isolate)
             if expected is not None and result.diff_id != expected:
                 raise DigestMismatch(f"layer content has diff id {result.diff_id}, expected {expected}; nothing was stored")
             return result
 
-        if parallel and self.driver.parallel_apply and len(plan) > 1:
+        side_by_side = parallel and self.driver.parallel_apply and len(plan) > 1
+        if side_by_side:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(min(len(plan), 4), thread_name_prefix="layerfs-layer") as pool:
@@ -618,7 +628,17 @@ def _stored_then_missing(present: list[bool]) -> bool:
     return False
 
 
-def _apply_source(driver: Driver, cache_id: str, parent_cache: str | None, src) -> archive.ApplyResult:
+def _source_size(src) -> int:
+    """Bytes of a layer source as stored (0 when unknown): a path's size, or a ``size_hint``."""
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            return os.stat(src).st_size
+        except OSError:
+            return 0
+    return getattr(src, "size_hint", 0) or 0
+
+
+def _apply_source(driver: Driver, cache_id: str, parent_cache: str | None, src, isolate: bool = False) -> archive.ApplyResult:
     if callable(src) and not hasattr(src, "read"):
         src = src()
     if isinstance(src, (str, os.PathLike)):
@@ -629,10 +649,10 @@ def _apply_source(driver: Driver, cache_id: str, parent_cache: str | None, src) 
         except IsADirectoryError:
             raise InvalidOption(f"layer file {os.fspath(src)} is a directory; give a tar file") from None
         with f:
-            return driver.apply(cache_id, parent_cache, f)
+            return driver.apply(cache_id, parent_cache, f, isolate=isolate)
     if not hasattr(src, "read"):
         raise InvalidOption(f"a layer source is a path or a binary file object, not {type(src).__name__}")
-    return driver.apply(cache_id, parent_cache, src)
+    return driver.apply(cache_id, parent_cache, src, isolate=isolate)
 
 
 def _remove_tree(path: Path) -> None:

@@ -137,10 +137,12 @@ class Driver(abc.ABC):
         """Release what this instance holds; mounts stay."""
 
     # -- diff (naive versions built on get/put) ------------------------------
-    def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
+    def apply(self, id: str, parent: str | None, src: BinaryIO, *, isolate: bool = False) -> archive.ApplyResult:
+        """Unpack layer tar *src* into layer *id*.  *isolate*: write the entries from a
+        worker process (the graph asks when it applies big layers side by side)."""
         path = self.get(id)
         try:
-            return archive.apply_tar(src, path, self.whiteout_format)
+            return archive.apply_tar(src, path, self.whiteout_format, isolate=isolate)
         finally:
             self.put(id)
 
@@ -205,6 +207,12 @@ class DirectoryLayers:
 
     def mount_path(self, id: str) -> Path:
         return self._dir(id) / "merged"
+
+    whiteout_format: archive.WhiteoutFormat
+
+    # Native apply: a layer's diff/ is a plain directory, no mount needed.
+    def apply(self, id: str, parent: str | None, src: BinaryIO, *, isolate: bool = False) -> archive.ApplyResult:
+        return archive.apply_tar(src, self._dir(id) / "diff", self.whiteout_format, isolate=isolate)
 
 
 def registry() -> dict[str, type[Driver]]:

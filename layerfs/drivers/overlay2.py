@@ -361,9 +361,7 @@ class Overlay2Driver(DirectoryLayers, Driver):
                         (links / name).unlink(missing_ok=True)
         return found
 
-    # -- native diff -------------------------------------------------------------
-    def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
-        return archive.apply_tar(src, self._dir(id) / "diff", self.whiteout_format)
+    # -- native diff (apply: DirectoryLayers) -------------------------------------
 
     def finish_apply(self, id: str, result: archive.ApplyResult) -> None:
         # Why drop whiteouts that hide nothing: overlayfs lists them, in a

@@ -219,6 +219,7 @@ def _opener(images: ImageStore, source: ImageSource, desc: oci.Descriptor, downl
             return VerifyingReader(open(images.content.path(desc.digest), "rb"), desc.digest, desc.size)
         return VerifyingReader(source.open_blob(desc.digest, desc.size), desc.digest, desc.size)
 
+    open_layer.size_hint = desc.size  # register_chain gives big layers a process of their own
     return open_layer
 
 

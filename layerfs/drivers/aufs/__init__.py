@@ -365,10 +365,7 @@ class AufsDriver(DirectoryLayers, Driver):
                     (run / name).unlink(missing_ok=True)
         return found
 
-    # -- native diff -------------------------------------------------------------
-    def apply(self, id: str, parent: str | None, src: BinaryIO) -> archive.ApplyResult:
-        return archive.apply_tar(src, self._dir(id) / "diff", self.whiteout_format)
-
+    # -- native diff (apply: DirectoryLayers) -------------------------------------
     def changes(self, id: str, parent: str | None) -> list[Change]:
         return aufs_changes(str(self._dir(id) / "diff"), Union(self.layer_dirs(id)))
 
