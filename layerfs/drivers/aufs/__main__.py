@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import _lowlevel
 
     hook = _lowlevel.Hook() if args.no_lowlevel else _lowlevel.install(ops.write_direct)
+    if not args.no_lowlevel:
+        _lowlevel.lighten_trio()
     options = {
         f"fsname={args.fsname}",
         "subtype=layerfs-aufs",
