@@ -43,7 +43,7 @@ import logging
 import mmap
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("layerfs.aufs")
 
@@ -165,7 +165,7 @@ def install(write_direct: Callable[[int, int, memoryview], int | None] | None = 
             try:
                 fi.contents.fh = ino
                 return True
-            except BaseException:  # noqa: BLE001 - an exception here would leave the request unanswered
+            except BaseException:  # an exception here would leave the request unanswered
                 log.exception("lowlevel: no file info")
                 reply_err(req, errno.EIO)
                 return False
@@ -208,7 +208,7 @@ def install(write_direct: Callable[[int, int, memoryview], int | None] | None = 
                     except OSError as exc:
                         reply_err(req, exc.errno or errno.EIO)
                         return
-                    except BaseException:  # noqa: BLE001 - never lose a request
+                    except BaseException:  # never lose a request
                         log.exception("lowlevel: write failed")
                         reply_err(req, errno.EIO)
                         return
@@ -230,7 +230,7 @@ def install(write_direct: Callable[[int, int, memoryview], int | None] | None = 
             return hook
         _keep.extend((real_new, wrapper, session_new))
         ctypes.c_void_p.from_address(slot).value = ctypes.cast(wrapper, ctypes.c_void_p).value
-    except Exception:  # noqa: BLE001 - an optimisation only
+    except Exception:  # an optimisation only
         log.exception("lowlevel: not installed")
     return hook
 
@@ -258,7 +258,7 @@ class _TrioForPyfuse3:
     def __init__(self, trio):
         self._trio = trio
 
-    def Lock(self):  # noqa: N802 - trio's name
+    def Lock(self):  # trio's name
         return _QuickLock(self._trio)
 
     def __getattr__(self, name):
