@@ -159,6 +159,7 @@ def fmt_s(seconds: float) -> str:
 def run_benchmark(b: Benchmark, *, quick: bool, runs: int | None, suite: str) -> dict[str, Any]:
     """Measure one benchmark, alternating contenders; never raises for a contender failure."""
     n = runs if runs is not None else (min(b.quick_runs, b.runs) if quick else b.runs)
+    warmup = 0 if quick else b.warmup   # a smoke run: no untimed rounds (its figures are not results)
     if not quick and n < MIN_RUNS:
         n = MIN_RUNS
     names = [c.name for c in b.contenders]
@@ -169,16 +170,16 @@ def run_benchmark(b: Benchmark, *, quick: bool, runs: int | None, suite: str) ->
     t0 = time.monotonic()
     _log(f"[{b.name}] {b.description}")
     try:
-        for r in range(b.warmup + n):
-            measuring = r >= b.warmup
+        for r in range(warmup + n):
+            measuring = r >= warmup
             row = []
             for c in b.contenders:
                 gc.collect()
                 secs = c.once()
                 (samples if measuring else warm)[c.name].append(secs)
-                sequence.append([r - b.warmup if measuring else f"warmup{r}", c.name, secs])
+                sequence.append([r - warmup if measuring else f"warmup{r}", c.name, secs])
                 row.append(f"{c.name} {fmt_s(secs) if b.unit == 's' else f'{secs:.3g} {b.unit}'}")
-            label = f"{r - b.warmup + 1}/{n}" if measuring else "warmup"
+            label = f"{r - warmup + 1}/{n}" if measuring else "warmup"
             _log(f"  [{b.name}] round {label}: " + " | ".join(row))
             if b.between_rounds:
                 b.between_rounds()

@@ -15,6 +15,10 @@ here without CAP_SYS_RESOURCE; see ENVIRONMENT.md). We never *run* a container
 (crun refuses the hybrid cgroups of these machines), only load / pull / create /
 mount / diff / rm, which do not need an OCI runtime.
 
+containers/storage refuses a runroot longer than 50 characters when a mount_program is
+set; a longer one is reached through a short symlink ``/tmp/lfspmPID-N`` (the data stays
+under the work dir; the link is removed by ``cleanup()``).
+
 ``cleanup()`` unmounts and removes every container and image (``podman rm -af``,
 ``rmi -af``), then detaches whatever is still mounted under the base dir (a
 fuse-overlayfs daemon exits when its mount goes). No process outlives a command.
@@ -22,6 +26,7 @@ fuse-overlayfs daemon exits when its mount goes). No process outlives a command.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -30,6 +35,8 @@ from .. import mounts
 from . import apt_version, missing, version, which
 
 FLAVOURS = ("overlay", "vfs", "fuse-overlayfs")
+RUNROOT_MAX = 50   # containers/storage refuses a longer runroot with a mount_program
+_links = itertools.count()
 ULIMITS = '["nofile=20000:20000", "nproc=32768:32768"]'
 
 
@@ -44,6 +51,7 @@ class Podman:
         self.base, self.flavour = Path(base), flavour
         self.root, self.runroot = self.base / "root", self.base / "run"
         self.label = "podman " + flavour
+        self._link: Path | None = None
 
     # -------------------------------------------------------------- set-up
 
@@ -60,6 +68,12 @@ class Podman:
             raise PodmanFailed(why)
         for d in (self.root, self.runroot, self.base / "tmp", self.base / "volumes", self.base / "libpod"):
             d.mkdir(parents=True, exist_ok=True)
+        if len(str(self.runroot)) > RUNROOT_MAX:
+            # a short name for it (the data stays under the work dir); removed by cleanup()
+            self._link = Path(f"/tmp/lfspm{os.getpid()}-{next(_links)}")
+            self._link.unlink(missing_ok=True)
+            self._link.symlink_to(self.runroot)
+            self.runroot = self._link
         driver = "vfs" if self.flavour == "vfs" else "overlay"
         conf = (f'[storage]\ndriver = "{driver}"\ngraphroot = "{self.root}"\nrunroot = "{self.runroot}"\n')
         if self.flavour == "fuse-overlayfs":
@@ -138,3 +152,5 @@ class Podman:
         except (OSError, subprocess.TimeoutExpired):
             pass
         mounts.sweep(self.base)
+        if self._link is not None:
+            self._link.unlink(missing_ok=True)

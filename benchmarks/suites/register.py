@@ -25,7 +25,7 @@ from ..machine import _first_line as _tool_version
 from ..runner import Benchmark, Contender, Target, stopwatch
 
 FULL = synth.TreeSpec(files=20_000, total_bytes=200_000_000, symlinks=200, hardlinks=50)
-QUICK = synth.TreeSpec(files=2_000, total_bytes=20_000_000, symlinks=20, hardlinks=5)
+QUICK = synth.TreeSpec(files=1_000, total_bytes=10_000_000, symlinks=20, hardlinks=5)
 
 CACHE_NOTE = ("input tar kept warm in page cache for both sides (read through before the "
               "benchmark and between rounds); no fs sync in the timed region of either side; "
