@@ -5,19 +5,20 @@ test VM (QEMU TCG, ~20x slower than the host, so only ratios mean anything):
 ``.venv/bin/python tests/vm/bench_dm.py`` boots the VM, runs this suite there
 and copies results.json / results.md back (see that script).
 
-=================  =============================================  =============================================
-row                layerfs (subject)                              reference
-=================  =============================================  =============================================
-dm.layer_cycle     ``DevicemapperDriver.create(id, origin)`` +    the same steps with the CLI, on the same pool
-                   ``get(id)``: ``create_snap`` and               and origin: ``dmsetup message POOL 0
-                   ``set_transaction_id`` target messages, the    "create_snap N ORIGIN"``, ``dmsetup message
-                   metadata.json steps (3 fsynced writes), then   ... "set_transaction_id T T+1"``, ``dmsetup
-                   create + load ``thin`` table + resume and the  create NAME --table "0 S thin POOL N"`` (which
-                   /dev/mapper node, all ioctls, and mount(2)     makes the node: DM_DISABLE_UDEV=1), ``mount
-                                                                  -t xfs -o nouuid``
-dm.apply_200MB     ``store.register`` of a 200 MB layer tar on a  the same tar registered on an overlay2 store
-                   devicemapper store (loop pool)                 on the same filesystem
-=================  =============================================  =============================================
+Rows (subject: layerfs; reference after "vs"):
+
+* ``dm.layer_cycle``: ``DevicemapperDriver.create(id, origin)`` + ``get(id)``:
+  the ``create_snap`` and ``set_transaction_id`` target messages, the
+  metadata.json steps (fsynced writes), create + load ``thin`` table + resume
+  and the /dev/mapper node, all ioctls, then mount(2) -- vs the same steps with
+  the CLI on the same pool and origin: ``dmsetup message POOL 0 "create_snap N
+  ORIGIN"``, ``dmsetup message ... "set_transaction_id T T+1"``, ``dmsetup
+  create NAME --table "0 S thin POOL N"`` (which makes the node:
+  DM_DISABLE_UDEV=1), ``mount -t xfs -o nouuid``.
+* ``dm.snapshot_activate``: the same without the mount on either side.
+* ``dm.apply_200MB``: ``store.register`` of a 200 MB layer tar on a
+  devicemapper store (loop pool) vs the same tar on an overlay2 store on the
+  same filesystem.
 
 Each round makes a fresh snapshot (or layer); unmounting, deactivating and
 deleting it afterwards is untimed.  The CLI path's device ids are far above
@@ -73,29 +74,33 @@ def _run(*cmd: str) -> None:
 
 
 class IoctlCycle:
-    """The driver's own path: one snapshot made, activated and mounted per round."""
+    """The driver's own path: one snapshot made, activated and (with *mount*) mounted per round."""
 
-    def __init__(self, drv):
-        self.drv, self.n = drv, 0
+    def __init__(self, drv, mount: bool = True):
+        self.drv, self.mount, self.n = drv, mount, 0
 
     def once(self) -> float:
         self.n += 1
         key = f"io{self.n}"
+        drv = self.drv
         try:
             with stopwatch() as t:
-                self.drv.create(key, "origin")
-                self.drv.get(key)
+                drv.create(key, "origin")
+                if self.mount:
+                    drv.get(key)
+                else:
+                    drv._activate(key, drv._load()["devices"][key])
         finally:
-            self.drv.put(key)
-            self.drv.remove(key)
+            drv.put(key)
+            drv.remove(key)
         return t.elapsed
 
 
 class CliCycle:
     """The same steps with dmsetup and mount(8), on the driver's pool and origin."""
 
-    def __init__(self, drv, scratch: Path):
-        self.drv, self.scratch, self.n = drv, scratch, 0
+    def __init__(self, drv, scratch: Path, mount: bool = True):
+        self.drv, self.scratch, self.mount, self.n = drv, scratch, mount, 0
         rec = drv._load()["devices"]["origin"]
         self.origin_id, self.sectors = rec["device_id"], rec["size"] // 512
 
@@ -120,9 +125,10 @@ class CliCycle:
                 _run("dmsetup", "create", name, "--table",
                      f"0 {self.sectors} thin {drv.pool.dev_string} {dev_id}")
                 state.append("dev")
-                _run("mount", "-t", drv.fs, "-o", "nouuid" if drv.fs == "xfs" else "defaults",
-                     f"/dev/mapper/{name}", str(mnt))
-                state.append("mnt")
+                if self.mount:
+                    _run("mount", "-t", drv.fs, "-o", "nouuid" if drv.fs == "xfs" else "defaults",
+                         f"/dev/mapper/{name}", str(mnt))
+                    state.append("mnt")
         finally:
             if "mnt" in state:
                 _run("umount", str(mnt))
@@ -150,6 +156,19 @@ def _layer_cycle(ctx):
             (root / f"f{i}").write_bytes(b"origin %d\n" % i)
         drv.put("origin")
         scratch = ctx.scratch("dm-cli-mnt")
+        yield Benchmark(
+            name="dm.snapshot_activate",
+            description="one thin snapshot of a layer: create + activate, no mount (ioctls vs dmsetup)",
+            contenders=[Contender("layerfs ioctl", IoctlCycle(drv, mount=False).once,
+                                  info={"path": "DevicemapperDriver.create + _activate"}),
+                        Contender("dmsetup", CliCycle(drv, scratch, mount=False).once, role="reference",
+                                  info={"commands": "dmsetup message x2, dmsetup create"})],
+            subject="layerfs ioctl", reference="dmsetup",
+            target=Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup)"),
+            runs=9, quick_runs=3, warmup=1,
+            workload={"pool": "loop", "fs": drv.fs, "origin_files": ORIGIN_FILES},
+            notes=["the same steps as dm.layer_cycle without the mount: the process spawns against the ioctls"],
+        )
         yield Benchmark(
             name="dm.layer_cycle",
             description="one thin snapshot of a layer: create + activate + mount (ioctls vs dmsetup + mount)",
