@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +34,8 @@ from . import archive
 from .errors import InvalidLayer, LayerfsError
 
 _PR_SET_PDEATHSIG = 1
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_BYTES = 1 << 20  # the default maximum for an unprivileged pipe, and our chunk size
 
 
 def spawn(dest: str, fmt: archive.WhiteoutFormat) -> subprocess.Popen | None:
@@ -52,6 +55,10 @@ def spawn(dest: str, fmt: archive.WhiteoutFormat) -> subprocess.Popen | None:
 def apply_in_worker(worker: subprocess.Popen, stream, dest: str, compression: str) -> archive.ApplyResult:
     """Feed *stream* (an uncompressed tar) to *worker*; like ``apply_entries`` plus the diff id."""
     sha = hashlib.sha256()
+    try:
+        fcntl.fcntl(worker.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+    except OSError:
+        pass  # a 64 KiB pipe only means more wake-ups
     try:
         try:
             while chunk := stream.read(archive.CHUNK):
