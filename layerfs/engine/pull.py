@@ -237,10 +237,15 @@ async def _download_and_register(images: ImageStore, source: ImageSource, source
     """Download the blobs (in parallel) while register_chain applies them as they arrive."""
     limiter = trio.CapacityLimiter(MAX_PARALLEL_DOWNLOADS)
     result: list = []
+    failure: list[Exception] = []
 
     async def register() -> None:
         try:
             result.extend(await trio.to_thread.run_sync(lambda: images.store.register_chain(sources, parallel=parallel)))
+        except Exception as exc:
+            # Why not let it propagate: the nursery would wrap it in an
+            # ExceptionGroup, and the caller wants the one-line LayerfsError.
+            failure.append(exc)
         finally:
             for download in downloads.values():
                 download.cancel()  # a failed apply stops the downloads still running
@@ -250,6 +255,8 @@ async def _download_and_register(images: ImageStore, source: ImageSource, source
             # A download never raises: its error reaches the apply that reads it.
             nursery.start_soon(lambda d: trio.to_thread.run_sync(d.run, source, emit, limiter=limiter), download)
         nursery.start_soon(register)
+    if failure:
+        raise failure[0]
     return result
 
 

@@ -363,6 +363,7 @@ class FaultProxy:
     redirect_port: int | None = None  # where "redirect" points (default: the upstream)
     requests: list = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    skip: int = 0
     faults_done: int = 0
 
     def __post_init__(self):
@@ -389,9 +390,11 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
-    def set(self, fault: str | None, *, target: str = "blob", times: int | None = None, strip_range: bool = False) -> None:
+    def set(self, fault: str | None, *, target: str = "blob", times: int | None = None, strip_range: bool = False, skip: int = 0) -> None:
+        """*skip*: let that many matching GETs through first (a pull's first blob GET is its config)."""
         with self._lock:
             self.fault, self.target, self.times, self.strip_range = fault, target, times, strip_range
+            self.skip = skip
             self.faults_done = 0
 
     def stop(self) -> None:
@@ -408,6 +411,9 @@ class FaultProxy:
                 return None
             pattern = _BLOB_GET if self.target == "blob" else _MANIFEST_GET
             if not pattern.match(urllib.parse.urlsplit(path).path):
+                return None
+            if self.skip > 0:
+                self.skip -= 1
                 return None
             if self.times is not None:
                 if self.times <= 0:

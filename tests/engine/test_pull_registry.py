@@ -121,6 +121,23 @@ def test_registry_faults_leave_the_store_unchanged(images, tmp_path, registry, f
     assert images.store.check() == []
 
 
+@pytest.mark.parametrize("fault", ["500", "cut", "corrupt", "short"])
+def test_layer_blob_faults_leave_the_store_unchanged(images, tmp_path, registry, fault_proxy, fault):
+    """The config passes; the layer blobs fail while they are being applied."""
+    _seed(images, tmp_path, registry.host)
+    before = _snapshot(images)
+    fault_proxy.set(fault, target="blob", skip=1)
+    with pytest.raises(errors.LayerfsError) as info:
+        pull(images, f"docker://{fault_proxy.host}/test/app:1")
+    message = str(info.value)
+    assert "\n" not in message and ("sha256:" in message or "500" in message), message
+    after = _snapshot(images)
+    assert after[:3] == before[:3]
+    assert not [p for p in after[3] if ".ingest-" in p]
+    assert images.store.driver.ids() == set()
+    assert images.store.check() == []
+
+
 def test_missing_image_and_unreachable_registry(images, registry):
     with pytest.raises(errors.NotFound, match="nosuch"):
         pull(images, f"docker://{registry.host}/nosuch/app:1")
