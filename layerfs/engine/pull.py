@@ -24,6 +24,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
@@ -39,6 +40,7 @@ from .._io import ReadStream
 
 Progress = Callable[[dict], None]
 MAX_PARALLEL_DOWNLOADS = 4
+DOWNLOAD_SETTLE_SECONDS = 30.0  # after a failed apply, how long the downloads may run on to name a bad blob
 
 
 @dataclass
@@ -246,6 +248,13 @@ async def _download_and_register(images: ImageStore, source: ImageSource, source
             # Why not let it propagate: the nursery would wrap it in an
             # ExceptionGroup, and the caller wants the one-line LayerfsError.
             failure.append(exc)
+            # A bad blob can break the tar or gzip stream before its own
+            # digest check ends: let the downloads end (bounded), and report
+            # the blob's error, which names its digest, rather than the symptom.
+            await trio.to_thread.run_sync(_wait_all, list(downloads.values()), DOWNLOAD_SETTLE_SECONDS)
+            blob_errors = [d.error for d in downloads.values() if isinstance(d.error, LayerfsError)]
+            if blob_errors and (isinstance(exc, InvalidLayer) or not isinstance(exc, LayerfsError)):
+                failure[0] = blob_errors[0]
         finally:
             for download in downloads.values():
                 download.cancel()  # a failed apply stops the downloads still running
@@ -262,6 +271,12 @@ async def _download_and_register(images: ImageStore, source: ImageSource, source
 
 class _Cancelled(Exception):
     pass
+
+
+def _wait_all(downloads: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for download in downloads:
+        download.wait_ended(max(0.0, deadline - time.monotonic()))
 
 
 class _Download:
@@ -327,6 +342,10 @@ class _Download:
             with self._cond:
                 self.error = exc
                 self._cond.notify_all()
+
+    def wait_ended(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.done or self.error is not None or self._cancelled, timeout)
 
     def follow(self) -> BinaryIO:
         with self._cond:
