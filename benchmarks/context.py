@@ -75,3 +75,13 @@ class RunContext:
 
     def pick(self, full, quick):
         return quick if self.quick else full
+
+
+def discard_store(store) -> None:
+    """Remove every container of a benchmark store (best effort) and close it."""
+    try:
+        for c in store.containers():
+            store.remove_container(c.name, force=True)
+    except Exception:  # noqa: BLE001 -- cleanup must go on to close the store
+        pass
+    store.close()

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from .. import mounts, synth
 from .. import peers as bench_peers
+from ..context import discard_store
 from ..runner import Benchmark, Contender, SkipBenchmark, Target, stopwatch
 
 MiB = 1 << 20
@@ -467,11 +468,6 @@ def suite(ctx):
             except Exception as e:  # noqa: BLE001
                 print(f"[fs] cleanup of {s.name}: {e}", flush=True)
         for d, (store, root) in stores.items():
-            try:
-                for c in store.containers():
-                    store.remove_container(c.name, force=True)
-            except Exception:  # noqa: BLE001
-                pass
-            store.close()
+            discard_store(store)
             ctx.remove(root)
         ctx.remove(scratch)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .. import mounts, synth
+from ..context import discard_store
 from ..runner import Benchmark, Contender, SkipBenchmark, Target, stopwatch
 
 DEPTH = 10
@@ -172,11 +173,6 @@ def suite(ctx):
         )
     finally:
         if store is not None:
-            try:
-                for c in store.containers():
-                    store.remove_container(c.name, force=True)
-            except Exception:  # noqa: BLE001
-                pass
-            store.close()
+            discard_store(store)
         ctx.remove(floor_dir)
         ctx.remove(root)

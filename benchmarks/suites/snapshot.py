@@ -40,6 +40,7 @@ from pathlib import Path
 from .. import image as bench_image
 from .. import mounts
 from .. import peers as bench_peers
+from ..context import discard_store
 from ..peers.daemons import Containerd, DaemonFailed
 from ..runner import Benchmark, Contender, SkipBenchmark, stopwatch
 
@@ -282,10 +283,5 @@ def suite(ctx):
         for pm in podmans:
             pm.cleanup()
         for store, root in stores.values():
-            try:
-                for c in store.containers():
-                    store.remove_container(c.name, force=True)
-            except Exception:  # noqa: BLE001
-                pass
-            store.close()
+            discard_store(store)
             ctx.remove(root)
