@@ -332,13 +332,81 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
         _wipe_disk(disk, vg_lv.split("/")[0] if vg_lv else None)
 
 
-def test_direct_lvm_ext4_and_autoextend_policy(tmp_path):
-    """dm.fs=ext4 through the whole store on a direct-lvm pool, and the pool's autoextend profile at work.
+_LVM_CONF = """\
+config {{ profile_dir = "{profile_dir}" }}
+activation {{ udev_sync = 0 udev_rules = 0 monitoring = 1 }}
+devices {{ obtain_device_list_from_udev = 0 use_devicesfile = 0 }}
+global {{ use_lvmpolld = 0 }}
+"""
 
-    No dmeventd runs in the VM (lvm monitoring is off without udev), so nothing
-    extends the pool by itself here: the test fills the pool past
-    dm.thinp_autoextend_threshold and runs what dmeventd would run,
-    ``lvextend --use-policies``, which reads the profile layerfs attached.
+
+class _Dmeventd:
+    """lvm's event daemon, started for one test with its own lvm configuration (LVM_SYSTEM_DIR).
+
+    Its thin plugin watches the monitored pools (a status check at least every
+    10 s) and runs ``lvm lvextend --use-policies`` in-process when a pool is past
+    50% and the pool's profile says so.  The host's /etc/lvm is never used.
+    """
+
+    def __init__(self, system_dir: Path):
+        self.env = {**os.environ, "LVM_SYSTEM_DIR": str(system_dir), "DM_DISABLE_UDEV": "1"}
+        exe = shutil.which("dmeventd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        if exe is None:
+            missing("dmeventd is not installed (apt-get install dmeventd)")
+        if _alive_pid(Path("/run/dmeventd.pid")):
+            missing("a dmeventd already runs here; this test starts its own, with its own lvm configuration")
+        Path("/run/lvm").mkdir(exist_ok=True)
+        self.log_path = system_dir / "dmeventd.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([exe, "-f", "-l"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 60
+        while not Path("/run/dmeventd-server").exists():
+            assert self.proc.poll() is None, f"dmeventd exited {self.proc.returncode}: {self.log()}"
+            assert time.monotonic() < deadline, f"dmeventd made no /run/dmeventd-server in 60 s: {self.log()}"
+            time.sleep(0.2)
+
+    def lvm(self, *args: str) -> str:
+        """lvm with this daemon's configuration (monitoring on), not the driver's no-udev --config."""
+        r = subprocess.run(["lvm", *args], capture_output=True, text=True, env=self.env)
+        assert r.returncode == 0, f"lvm {' '.join(args)}: {r.stderr.strip()}"
+        return r.stdout
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def stop(self, lv: str | None) -> None:
+        if lv:
+            try:
+                self.lvm("lvchange", "--monitor", "n", lv)   # dmeventd refuses to exit while it monitors
+            except AssertionError as exc:
+                sys.stderr.write(f"{exc}\n")
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _alive_pid(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().split()[0]), 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def test_direct_lvm_ext4_and_autoextend_by_dmeventd(tmp_path, monkeypatch):
+    """dm.fs=ext4 through the whole store on a direct-lvm pool, and the autoextend profile applied by dmeventd.
+
+    layerfs writes the pool's lvm profile (dm.thinp_autoextend_threshold /
+    dm.thinp_autoextend_percent) and attaches it.  Here lvm's own dmeventd runs
+    (started by the test, with an lvm configuration of its own: no udev,
+    monitoring on) and the pool is monitored (``lvchange --monitor y``: the
+    driver's own lvm calls turn monitoring off when no udev runs).  The pool is
+    filled past the threshold through a container and nothing else is done:
+    dmeventd must grow the pool's data LV by the profile's percentage, and the
+    pool device the driver uses must show the new size.
     """
     require_dm()
     disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", "").split()
@@ -348,45 +416,63 @@ def test_direct_lvm_ext4_and_autoextend_policy(tmp_path):
 
     disk = disks[1]
     root = scratch(tmp_path) / "root"
+    lvm_dir = scratch(tmp_path) / "lvm"
+    (lvm_dir / "profile").mkdir(parents=True)
+    (lvm_dir / "lvm.conf").write_text(_LVM_CONF.format(profile_dir=lvm_dir / "profile"))
+    monkeypatch.setenv("LVM_SYSTEM_DIR", str(lvm_dir))   # the driver's lvm calls: the profile goes there
+    assert poolmod.profile_dir() == lvm_dir / "profile"
     # a small pool (20% of the 2 GiB disk) so that ~200 MB fills it past lvm's minimum threshold of 50%
     opts = {"dm.directlvm_device": disk, "dm.fs": "ext4", "dm.basesize": "256M", "dm.thinp_percent": "20",
             "dm.thinp_metapercent": "1", "dm.thinp_autoextend_threshold": "50",
             "dm.thinp_autoextend_percent": "20", "dm.min_free_space": "5%"}
-    vg = None
+    vg = vg_lv = daemon = None
     try:
+        daemon = _Dmeventd(lvm_dir)
         with layerfs.open_store(root, driver="devicemapper", options=opts) as s:
             vg_lv = s.driver.pool.lv
             vg = vg_lv.split("/")[0]
             st = s.status()["probes"]
             assert st["fs"] == "ext4" and st["pool_kind"] == "directlvm"
+            row = poolmod.lvs(vg_lv)
+            assert row["lv_profile"] == f"{vg}-thinpool"
+            profile = (lvm_dir / "profile" / f"{row['lv_profile']}.profile").read_text()
+            assert "thin_pool_autoextend_threshold=50" in profile and "thin_pool_autoextend_percent=20" in profile
+            daemon.lvm("lvchange", "--monitor", "y", vg_lv)
+            assert daemon.lvm("lvs", "--noheadings", "-o", "seg_monitor", vg_lv).strip() == "monitored"
+            size0, dm0 = int(row["lv_size"]), s.driver.pool_status().data_total
+
             lower = register_bytes(s, LayerTar().dir("etc").file("etc/a", b"a").file("etc/b", b"b").bytes())
             upper = register_bytes(s, LayerTar().whiteout("etc/a").file("etc/c", b"c").bytes(), parent=lower.chain_id)
             s.create_container("c", upper.chain_id, size=512 << 20)  # larger than the base: resize2fs
+            peak = 0.0
             with mounted(s, "c") as mp:
                 assert sorted(os.listdir(mp / "etc")) == ["b", "c"]
                 with open("/proc/self/mounts") as f:
                     assert any(line.split()[1] == str(mp) and line.split()[2] == "ext4" for line in f)
                 vfs = os.statvfs(mp)
                 assert vfs.f_blocks * vfs.f_frsize > 400 << 20
-                # fill the pool past the autoextend threshold
+                # fill the pool past the autoextend threshold (stop early if dmeventd already grew it)
                 with open(mp / "fill", "wb") as f:
                     for _ in range(40):
                         f.write(os.urandom(8 << 20))
                         f.flush()
                         os.fsync(f.fileno())
-                        if s.driver.pool_status().data_percent > 56:
+                        ps = s.driver.pool_status()
+                        peak = max(peak, ps.data_percent)
+                        if ps.data_percent > 56 or ps.data_total > dm0:
                             break
-            row = poolmod.lvs(vg_lv)
-            assert row["lv_profile"] == f"{vg}-thinpool"
-            profile = (poolmod.profile_dir() / f"{row['lv_profile']}.profile").read_text()
-            assert "thin_pool_autoextend_threshold=50" in profile and "thin_pool_autoextend_percent=20" in profile
-            used_pct = float(row["data_percent"])
-            assert used_pct > 50, f"the pool is only {used_pct}% full; the policy would not extend it"
-            before_lv, before_dm = int(row["lv_size"]), s.driver.pool_status().data_total
-            poolmod.lvm("lvextend", "--use-policies", vg_lv)
+            assert peak > 50 or s.driver.pool_status().data_total > dm0, \
+                f"the pool was only {peak}% full; the policy would not extend it"
+            # nothing but dmeventd extends the pool now; wait for it (its thin plugin checks every 10 s)
+            deadline = time.monotonic() + 240
+            while int(poolmod.lvs(vg_lv)["lv_size"]) < size0 * 1.19:
+                assert daemon.proc.poll() is None, f"dmeventd exited {daemon.proc.returncode}: {daemon.log()}"
+                assert time.monotonic() < deadline, (
+                    f"dmeventd did not extend {vg_lv} within 240 s (size {size0}): {daemon.log()}")
+                time.sleep(2)
             after_lv, after_dm = int(poolmod.lvs(vg_lv)["lv_size"]), s.driver.pool_status().data_total
-            assert after_lv >= before_lv * 1.19, (before_lv, after_lv)
-            assert after_dm >= before_dm * 1.19, "the pool device the driver uses did not grow"
+            assert after_lv >= size0 * 1.19, (size0, after_lv)
+            assert after_dm >= dm0 * 1.19, "the pool device the driver uses did not grow"
             s.create_container("after-extend", upper.chain_id)
         # reopened without dm.fs: the store's base filesystem (ext4) is used, not the xfs default
         with layerfs.open_store(root, driver="devicemapper", options={"dm.directlvm_device": disk}) as s:
@@ -396,6 +482,8 @@ def test_direct_lvm_ext4_and_autoextend_policy(tmp_path):
             assert s.check() == []
             s.driver.deactivate_all()
     finally:
+        if daemon is not None:
+            daemon.stop(vg_lv)
         try:
             teardown_home(root / "devicemapper")
         except Exception as exc:  # noqa: BLE001 - the disk is wiped below anyway
