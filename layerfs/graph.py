@@ -264,8 +264,8 @@ class LayerStore:
         applied in parallel; nothing becomes visible until all of them are
         applied and verified, and then all at once.  Big layers (a path's
         size, or a ``size_hint`` attribute on the callable or file object, of
-        at least ISOLATE_MIN_BYTES) are then written by worker processes, so
-        they use every core.
+        at least ISOLATE_MIN_BYTES) other than the largest are then written by
+        worker processes, so they use every core.
         """
         for _, expected in sources:
             if expected is not None and not digest.is_digest(expected):
@@ -370,13 +370,14 @@ class LayerStore:
             src, expected, cache_id = plan[i]
             # Why a worker process per big layer: threads applying side by
             # side share one interpreter lock, so one core (see _applyproc).
-            isolate = side_by_side and _source_size(src) >= ISOLATE_MIN_BYTES
+            isolate = side_by_side and i in isolated
             result = _apply_source(self.driver, cache_id, parents[i], src, isolate=isolate)
             if expected is not None and result.diff_id != expected:
                 raise DigestMismatch(f"layer content has diff id {result.diff_id}, expected {expected}; nothing was stored")
             return result
 
         side_by_side = parallel and self.driver.parallel_apply and len(plan) > 1
+        isolated = _layers_to_isolate([_source_size(src) for src, _, _ in plan]) if side_by_side else set()
         if side_by_side:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -636,6 +637,20 @@ def _source_size(src) -> int:
         except OSError:
             return 0
     return getattr(src, "size_hint", 0) or 0
+
+
+def _layers_to_isolate(sizes: list[int]) -> set[int]:
+    """Which of layers applied side by side get a worker process (pure).
+
+    Every layer of ISOLATE_MIN_BYTES or more except the largest: that one is
+    applied by this process, whose interpreter the other layers leave free
+    (they only feed their workers, in C code that drops the lock), so it
+    pays neither a worker's start nor a pipe copy of the biggest stream.
+    """
+    big = [i for i, size in enumerate(sizes) if size >= ISOLATE_MIN_BYTES]
+    if big:
+        big.remove(max(big, key=lambda i: (sizes[i], -i)))
+    return set(big)
 
 
 def _apply_source(driver: Driver, cache_id: str, parent_cache: str | None, src, isolate: bool = False) -> archive.ApplyResult:

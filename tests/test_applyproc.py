@@ -144,33 +144,44 @@ def _big_layer(tag: str, mib: int = 9) -> bytes:
     return tar.file(f"{tag}/blob", os.urandom(mib << 20)).bytes()
 
 
+def test_layers_to_isolate_spares_the_largest_big_layer():
+    mib = 1 << 20
+    assert graph._layers_to_isolate([]) == set()
+    assert graph._layers_to_isolate([mib, 2 * mib]) == set()  # small layers stay in process
+    assert graph._layers_to_isolate([128 * mib, 48 * mib, 1]) == {1}
+    assert graph._layers_to_isolate([48 * mib, 128 * mib, 20 * mib]) == {0, 2}
+    assert graph._layers_to_isolate([20 * mib, 20 * mib]) == {1}  # a tie keeps the first
+    assert graph._layers_to_isolate([0, 0, 0]) == set()  # sizes unknown
+
+
 def test_register_chain_applies_big_layers_in_workers(tmp_path, monkeypatch):
     paths = []
-    for i, tag in enumerate(["base", "app"]):
+    for i, (tag, mib) in enumerate([("base", 12), ("app", 9), ("lib", 10)]):
         p = tmp_path / f"{i}.tar"
-        p.write_bytes(_big_layer(tag))
+        p.write_bytes(_big_layer(tag, mib))
         paths.append(p)
-    paths.append(tmp_path / "2.tar")
-    paths[2].write_bytes(LayerTar().file("base/.wh.f0", b"").bytes())  # small: applied in process
+    paths.append(tmp_path / "3.tar")
+    paths[3].write_bytes(LayerTar().file("base/.wh.f0", b"").bytes())  # small: applied in process
     isolated = []
     real = archive.apply_tar
 
     def spy(src, dest, fmt, *, isolate=False):
-        isolated.append(isolate)
+        isolated.append((os.path.getsize(src.name) >> 20 if hasattr(src, "name") else None, isolate))
         return real(src, dest, fmt, isolate=isolate)
 
     monkeypatch.setattr(archive, "apply_tar", spy)
     with layerfs.open_store(tmp_path / "store", driver="overlay2") as store:
         layers = store.register_chain([(p, _diff_id(p)) for p in paths])
-        assert sorted(isolated) == [False, True, True]
+        # The largest big layer (12 MiB) is applied in process, the other big ones in workers.
+        assert sorted(isolated) == [(0, False), (9, True), (10, True), (12, False)]
         top = layers[-1].chain_id
         root = store.mount(top)
         try:
-            assert sorted(os.listdir(root)) == ["app", "base"]
+            assert sorted(os.listdir(root)) == ["app", "base", "lib"]
             assert not os.path.exists(os.path.join(root, "base", "f0"))
             with open(os.path.join(root, "app", "f7")) as f:
                 assert f.read() == "app-7\n"
-            assert os.path.getsize(os.path.join(root, "base", "blob")) == 9 << 20
+            assert os.path.getsize(os.path.join(root, "base", "blob")) == 12 << 20
         finally:
             store.unmount(top)
         assert store.check() == []
@@ -179,7 +190,7 @@ def test_register_chain_applies_big_layers_in_workers(tmp_path, monkeypatch):
 
 def test_register_chain_failure_in_a_worker_leaves_the_store_unchanged(tmp_path):
     good = tmp_path / "good.tar"
-    good.write_bytes(_big_layer("base"))
+    good.write_bytes(_big_layer("base", 12))  # the largest, applied in process: the bad one gets the worker
     bad = tmp_path / "bad.tar"
     bad.write_bytes(LayerTar().file("pad", os.urandom(9 << 20)).symlink("l", "/etc").file("l/passwd", b"x").bytes())
     with layerfs.open_store(tmp_path / "store", driver="overlay2") as store:
