@@ -199,6 +199,42 @@ def test_lowlevel_hooks_are_active(drv):
     assert sorted(os.listdir(mp)) == sorted(os.listdir(drv.home / "l1" / "diff"))
     log = (drv.home / "run" / "c.log").read_text()
     assert "mounted" in log and "not wrapped" not in log, log
+    assert "blocking loop" in log, log  # _loop found pyfuse3's statics: no trio per request
+
+
+@pytest.mark.parametrize("mode", ["loop", "trio"])
+def test_daemon_stops_on_sigterm_and_unmounts(drv, tmp_path, mode):
+    """SIGTERM (the blocking loop's read interrupted; or trio's signal task) unmounts and exits 0."""
+    layer(drv, "l1", None, _base())
+    top, mp = tmp_path / "top", tmp_path / "mnt"
+    top.mkdir()
+    mp.mkdir()
+    cmd = [sys.executable, "-m", "layerfs.drivers.aufs", "--mountpoint", str(mp),
+           "--branches", str(top), str(drv.home / "l1" / "diff")]
+    if mode == "trio":
+        cmd.append("--no-lowlevel")
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        for _ in range(1000):
+            if os.path.ismount(mp) or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert os.path.ismount(mp), (tmp_path / "log").read_text()
+        (mp / "made").write_bytes(b"before the signal")
+        time.sleep(0.2)  # idle: the daemon waits in its read of /dev/fuse
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "log").read_text()
+        assert not os.path.ismount(mp)
+        assert (top / "made").read_bytes() == b"before the signal"
+        text = (tmp_path / "log").read_text()
+        assert "unmounted" in text
+        assert ("blocking loop" in text) == (mode == "loop"), text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["umount", "-l", str(mp)], check=False, capture_output=True)
 
 def test_daemon_without_its_lowlevel_hooks(drv, tmp_path):
     """--no-lowlevel (pyfuse3's own operations table: opendir served, writes copied) gives the same union."""

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsname", default="layerfs-aufs")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--no-lowlevel", action="store_true",
-                   help="leave pyfuse3's operations table as it is (slower; see _lowlevel)")
+                   help="leave pyfuse3 as it is: its operations table (see _lowlevel) and its trio main loop "
+                        "(see _loop); slower")
     p.add_argument("--detach", metavar="PIDFILE", help="fork, write the daemon's pid to PIDFILE and return at once")
     args = p.parse_args(argv)
 
@@ -50,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     import pyfuse3
-    import trio
 
     from .fs import UnionOps
 
     ops = UnionOps(args.branches, writable=not args.readonly)
-    from . import _lowlevel
+    from . import _loop, _lowlevel
 
     hook = _lowlevel.Hook() if args.no_lowlevel else _lowlevel.install(ops.write_direct)
     if not args.no_lowlevel:
@@ -78,6 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         log.info("pyfuse3's operations are not wrapped: the daemon serves opendir and copies writes")
     log.info("mounted %s (%d branches%s)", args.mountpoint, len(args.branches), ", read-only" if args.readonly else "")
 
+    loop = None if args.no_lowlevel else _loop.prepare()
+    if loop is not None:
+        log.info("serving requests in a blocking loop (no trio)")
+    try:
+        stopped = loop.run() if loop is not None else _serve_under_trio()
+    except BaseException:
+        log.exception("serving %s failed", args.mountpoint)
+        pyfuse3.close(unmount=True)
+        raise
+    # After an external umount the session is gone; after a signal we unmount.
+    pyfuse3.close(unmount=stopped)
+    log.info("unmounted %s", args.mountpoint)
+    return 0
+
+
+def _serve_under_trio() -> bool:
+    """pyfuse3's own main loop; True when stopped by SIGTERM/SIGINT."""
+    import pyfuse3
+    import trio
+
     stopped = []
 
     async def serve() -> None:
@@ -97,16 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(serve)
-    except BaseException:
-        log.exception("serving %s failed", args.mountpoint)
-        pyfuse3.close(unmount=True)
-        raise
-    # After an external umount the session is gone; after a signal we unmount.
-    pyfuse3.close(unmount=bool(stopped))
-    log.info("unmounted %s", args.mountpoint)
-    return 0
+    trio.run(serve)
+    return bool(stopped)
 
 
 if __name__ == "__main__":
