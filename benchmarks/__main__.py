@@ -25,7 +25,7 @@ from . import peers as bench_peers
 from . import machine, mounts, report
 from .context import RunContext
 from .runner import MIN_RUNS, _suite_failure, run_suite
-from .suites import PER_DRIVER, SUITES
+from .suites import NOT_QUICK, PER_DRIVER, SUITES
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -136,6 +136,10 @@ def cmd_run(args) -> int:
     interrupted = False
     try:
         for name in suites:
+            if args.quick and not args.suite and name in NOT_QUICK:
+                why = f"not in the default --quick run: {NOT_QUICK[name]}; run it with --suite {name} --quick"
+                doc["results"].append(_suite_failure(name, {"skipped": why}))
+                continue
             if name not in PER_DRIVER:
                 doc["results"] += run_suite(name, SUITES[name], ctx, quick=args.quick, runs=args.runs)
                 continue

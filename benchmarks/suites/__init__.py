@@ -5,7 +5,7 @@ To add one: write a module with ``suite(ctx)`` (build fixtures, ``yield`` one
 and list it here. Suites run in this order unless ``--suite`` picks some.
 """
 
-from . import changes, dm, fs, mount, open_store, pull, register, scaling, snapshot
+from . import changes, dm, export, fs, mount, open_store, pull, register, scaling, snapshot
 
 SUITES = {
     "register": register.suite,
@@ -15,8 +15,14 @@ SUITES = {
     "fs": fs.suite,
     "pull": pull.suite,
     "snapshot": snapshot.suite,
+    "export": export.export_suite,
+    "gc": export.gc_suite,
     "scaling": scaling.suite,
     "dm": dm.suite,  # devicemapper only; runs in the VM: tests/vm/bench_dm.py
 }
+# Left out of a --quick run unless named with --suite: their private daemons' starts and a load of
+# the image per round add ~100 s, which would take the quick run of every suite past 3 minutes.
+NOT_QUICK = {"export": "private dockerd/containerd starts and a load of the image per gc round (~100 s)",
+             "gc": "private dockerd/containerd starts and a load of the image per gc round (~100 s)"}
 # Run once per layerfs driver (rows NAME[driver]); the others compare drivers inside one benchmark.
 PER_DRIVER = {"register", "mount", "changes", "open_store"}
