@@ -70,7 +70,7 @@ def _log(msg: str) -> None:
 
 
 def _run(cmd: list[str], env=None) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:1] + cmd[-3:])} exited {r.returncode}: {r.stderr.strip()[-300:]}")
     return r.stdout
@@ -191,7 +191,7 @@ class DockerSystem:
         return None
 
     def close(self) -> None:
-        subprocess.run(self.d.docker + ["rmi", "-f", bench_image.REPO_TAG], capture_output=True)
+        subprocess.run(self.d.docker + ["rmi", "-f", bench_image.REPO_TAG], capture_output=True, check=False)
 
 
 class CtrSystem:
@@ -228,7 +228,7 @@ class CtrSystem:
     def close(self) -> None:
         names = self._names()
         if names:
-            subprocess.run(self.d.ctr + ["images", "rm", "--sync", *names], capture_output=True)
+            subprocess.run(self.d.ctr + ["images", "rm", "--sync", *names], capture_output=True, check=False)
 
 
 class PodmanSystem:
@@ -373,7 +373,7 @@ def export_suite(ctx):
         raise SkipBenchmark("no layerfs driver opens here")
     try:
         import layerfs.engine.push  # noqa: F401
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise SkipBenchmark(f"layerfs.engine cannot be imported: {type(e).__name__}: {e}") from e
     built = bench_image.for_run(ctx, log=_log)
     archive = built.docker_archive
@@ -392,9 +392,10 @@ def export_suite(ctx):
                 floor = _tar_floor(ctx, dirs)
             else:
                 notes.append("tar -cf floor left out: no overlay2 store with plain layer directories")
-        layerfs_notes = ["layerfs: the image came from a docker-archive, so the store kept no blobs: push "
-                         "re-exports each layer from the store and hashes it (`--compress none`), as `docker save` "
-                         "re-tars its layer dirs; `ctr image export` copies the blobs it kept at import"]
+        layerfs_notes = [("layerfs: the image came from a docker-archive, so the store kept no blobs: push "
+                          "re-exports each layer from its directory and hashes it (`--compress none`); `docker save` "
+                          "and `podman save` rebuild the original tar bytes from the layer dirs (tar-split), "
+                          "`ctr image export` copies the blobs it kept at import")]
         for kind, ref_label, what in (
                 ("docker-archive", "docker overlay2", "docker save / podman save"),
                 ("oci-archive", "ctr (overlayfs)", "ctr image export / podman save --format oci-archive")):
@@ -444,9 +445,9 @@ def gc_suite(ctx):
     archive = built.docker_archive
     synth.read_through(archive)
     notes = [f"image: {built.meta['description']}", GC_NOTE,
-             "layerfs: ImageStore.remove (releases the layers: the last release deletes a layer's directory) + "
-             "ImageStore.gc (unreferenced blobs, crash leftovers); the CLI row runs `layerfs rmi` and `layerfs gc`, "
-             "two process starts, as docker's row runs two clients (`docker rmi`, `docker image prune -f`)",
+             ("layerfs: ImageStore.remove (releases the layers: the last release deletes a layer's directory) + "
+              "ImageStore.gc (unreferenced blobs, crash leftovers); the CLI row runs `layerfs rmi` and `layerfs gc`, "
+              "two process starts, as docker's row runs two clients (`docker rmi`, `docker image prune -f`)"),
              "`ctr images rm --sync` returns after containerd's garbage collector removed the snapshots and blobs"]
     systems_, started = systems(ctx, archive, notes, cli_remove=True)
     try:
