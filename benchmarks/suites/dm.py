@@ -1,4 +1,4 @@
-"""dm: devicemapper per-layer steps (ioctls vs dmsetup + mount) and a 200 MB apply vs overlay2.
+"""dm: devicemapper per-layer steps (ioctls vs dmsetup vs the lvm CLI, each + mount) and a 200 MB apply vs overlay2.
 
 Runs only where the kernel has device-mapper: on these machines, inside the
 test VM (QEMU TCG, ~20x slower than the host, so only ratios mean anything):
@@ -14,8 +14,18 @@ Rows (subject: layerfs; reference after "vs"):
   the CLI on the same pool and origin: ``dmsetup message POOL 0 "create_snap N
   ORIGIN"``, ``dmsetup message ... "set_transaction_id T T+1"``, ``dmsetup
   create NAME --table "0 S thin POOL N"`` (which makes the node:
-  DM_DISABLE_UDEV=1), ``mount -t xfs -o nouuid``.
-* ``dm.snapshot_activate``: the same without the mount on either side.
+  DM_DISABLE_UDEV=1), ``mount -t xfs -o nouuid`` -- and vs the steps an lvm
+  user takes: ``lvcreate -s -n NAME VG/origin`` (a thin snapshot of the parent
+  LV in the same thin pool), ``lvchange -ay -K VG/NAME``, ``mount``.  The lvm
+  user's pool is lvm's own (a VG on a loop device of a sparse file on the same
+  work filesystem, 64 KiB chunks, no zeroing, like the driver's loop pool), its
+  parent LV formatted like the driver's base and holding the same files.  The
+  three contenders are alternated in one run.
+* ``dm.snapshot_activate``: the same without the mount on every side.
+* ``dm.layer_cycle_ext4``: ``dm.layer_cycle`` with ``dm.fs=ext4`` (and ext4 on
+  the CLI paths' origins).
+* ``dm.mount``: mount(2) alone of a freshly activated snapshot, xfs
+  (``nouuid``) vs ext4: what the filesystem's mount costs by itself.
 * ``dm.apply_200MB``: ``store.register`` of a 200 MB layer tar on a
   devicemapper store (loop pool) vs the same tar on an overlay2 store on the
   same filesystem.
@@ -23,7 +33,10 @@ Rows (subject: layerfs; reference after "vs"):
 Each round makes a fresh snapshot (or layer); unmounting, deactivating and
 deleting it afterwards is untimed.  The CLI path's device ids are far above
 the driver's, and its transaction id is set back after each round, so the
-driver's bookkeeping stays right.  The apply tar is copied to the work
+driver's bookkeeping stays right.  lvm's CLI calls get the configuration the
+driver's own lvm calls get where no udev runs (``pool.NO_UDEV_CONFIG``), and
+otherwise lvm's defaults (VG metadata archive and backup on).
+``LAYERFS_BENCH_DM_APPLY=0`` leaves the apply row out.  The apply tar is copied to the work
 directory once (untimed) and read through before every round.
 """
 
@@ -143,51 +156,207 @@ class CliCycle:
         return t.elapsed
 
 
+class LvmUser:
+    """An lvm user's thin pool and parent LVs: a VG on a loop device of a sparse file in *scratch*."""
+
+    def __init__(self, scratch: Path):
+        from layerfs.drivers.devicemapper import pool as poolmod
+
+        self.lvm = poolmod.lvm
+        self.img = scratch / "lvm-pv.img"
+        with open(self.img, "wb") as f:
+            f.truncate(2 << 30)
+        r = subprocess.run(["losetup", "--find", "--show", str(self.img)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"losetup {self.img}: {r.stderr.strip()}")
+        self.loop = r.stdout.strip()
+        self.vg = f"lfsbench{os.getpid()}"
+        self.origins: dict[str, str] = {}
+        self.lvm("pvcreate", "-y", self.loop)
+        self.lvm("vgcreate", self.vg, self.loop)
+        # like the driver's loop pool: 64 KiB blocks, no block zeroing, 16 MiB metadata
+        self.lvm("lvcreate", "-y", "--type", "thin-pool", "-L", "1800M", "--poolmetadatasize", "16M",
+                 "-c", "64k", "--zero", "n", "-n", "pool", self.vg)
+
+    def make_origin(self, fs: str, size_bytes: int, files: int) -> str:
+        """A parent LV formatted as the driver formats its base, holding *files* files in rootfs/; left inactive."""
+        lv = f"origin{fs}"
+        self.lvm("lvcreate", "-y", "-T", f"{self.vg}/pool", "-V", f"{size_bytes // 1024}k", "-n", lv)
+        dev = f"/dev/mapper/{self.vg}-{lv}"
+        if fs == "xfs":
+            _run("mkfs.xfs", "-f", "-q", "-K", dev)
+        else:
+            _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", dev)
+        mnt = self.img.parent / f"mnt-{lv}"
+        mnt.mkdir()
+        _run("mount", "-t", fs, dev, str(mnt))
+        try:
+            (mnt / "rootfs").mkdir(mode=0o755)
+            for i in range(files):
+                (mnt / "rootfs" / f"f{i}").write_bytes(b"origin %d\n" % i)
+        finally:
+            _run("umount", str(mnt))
+            mnt.rmdir()
+        self.lvm("lvchange", "-an", f"{self.vg}/{lv}")
+        self.origins[fs] = lv
+        return lv
+
+    def close(self) -> None:
+        for args in (("vgremove", "-ff", "-y", self.vg), ("pvremove", "-ff", "-y", self.loop)):
+            try:
+                self.lvm(*args)
+            except Exception as e:  # noqa: BLE001 - cleanup must not hide results
+                _log(f"[dm] lvm {args[0]}: {e}")
+        subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        self.img.unlink(missing_ok=True)
+
+
+class LvmCycle:
+    """The same per-layer steps as an lvm user takes them: lvcreate -s, lvchange -ay -K, mount."""
+
+    def __init__(self, user: LvmUser, fs: str, scratch: Path, mount: bool = True):
+        self.user, self.fs, self.scratch, self.mount, self.n = user, fs, scratch, mount, 0
+        self.origin = user.origins[fs]
+
+    def once(self) -> float:
+        self.n += 1
+        vg, lvm = self.user.vg, self.user.lvm
+        name = f"s{self.fs}{self.n}" + ("m" if self.mount else "")
+        mnt = self.scratch / f"lvm-{name}"
+        mnt.mkdir()
+        state = []
+        try:
+            with stopwatch() as t:
+                lvm("lvcreate", "-s", "-n", name, f"{vg}/{self.origin}")
+                state.append("lv")
+                lvm("lvchange", "-ay", "-K", f"{vg}/{name}")
+                if self.mount:
+                    _run("mount", "-t", self.fs, "-o", "nouuid" if self.fs == "xfs" else "defaults",
+                         f"/dev/mapper/{vg}-{name}", str(mnt))
+                    state.append("mnt")
+        finally:
+            if "mnt" in state:
+                _run("umount", str(mnt))
+            if "lv" in state:
+                lvm("lvremove", "-y", f"{vg}/{name}")
+            mnt.rmdir()
+        return t.elapsed
+
+
+class MountOnly:
+    """mount(2) alone of a freshly made and activated snapshot (the view's bind mount not included)."""
+
+    def __init__(self, drv, scratch: Path, options: str | None):
+        self.drv, self.scratch, self.options, self.n = drv, scratch, options, 0
+
+    def once(self) -> float:
+        from layerfs import _mountapi
+
+        self.n += 1
+        drv, key = self.drv, f"mo{self.n}"
+        mnt = self.scratch / f"{drv.fs}-{key}"
+        mnt.mkdir()
+        drv.create(key, "origin")
+        mounted = False
+        try:
+            dev = drv._activate(key, drv._load()["devices"][key])
+            with stopwatch() as t:
+                _mountapi.mount(dev, str(mnt), drv.fs, 0, self.options)
+            mounted = True
+        finally:
+            if mounted:
+                _mountapi.umount(str(mnt))
+            drv._deactivate(key)
+            drv.remove(key)
+            mnt.rmdir()
+        return t.elapsed
+
+
+def _origin(drv) -> None:
+    drv.create("origin", None)
+    root = drv.get("origin")
+    for i in range(ORIGIN_FILES):
+        (root / f"f{i}").write_bytes(b"origin %d\n" % i)
+    drv.put("origin")
+
+
+def _cycle_row(name, drv, lvm_user, scratch, mount: bool, fs_note: str = ""):
+    fs = drv.fs
+    if mount:
+        cli, lvm_name = "dmsetup + mount", "lvm CLI + mount"
+        desc = f"one thin snapshot of a layer: create + activate + mount{fs_note} (ioctls vs dmsetup vs lvm CLI, + mount)"
+        target = Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup + mount)")
+        notes = ["untimed per round: unmount, deactivate, delete the snapshot (and, for the dmsetup path, "
+                 "set the pool's transaction id back; for the lvm path, lvremove)",
+                 "the ioctl path mounts the device, bind-mounts its rootfs/ on the view and unmounts the device "
+                 "(3 mount calls); the CLI paths mount once",
+                 "the ioctl path also writes metadata.json three times (fsync) for crash safety; "
+                 "the dmsetup path keeps no record; lvm writes its VG metadata (and archive/backup copies)"]
+    else:
+        cli, lvm_name = "dmsetup", "lvm CLI"
+        desc = "one thin snapshot of a layer: create + activate, no mount (ioctls vs dmsetup vs lvm CLI)"
+        target = Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup)")
+        notes = ["the same steps as dm.layer_cycle without the mount: the process spawns against the ioctls"]
+    contenders = [Contender("layerfs ioctl", IoctlCycle(drv, mount=mount).once,
+                            info={"path": "DevicemapperDriver.create + " + ("get" if mount else "_activate")}),
+                  Contender(cli, CliCycle(drv, scratch, mount=mount).once, role="reference",
+                            info={"commands": "dmsetup message x2, dmsetup create" + (", mount" if mount else "")})]
+    if lvm_user is not None:
+        contenders.append(Contender(lvm_name, LvmCycle(lvm_user, fs, scratch, mount=mount).once, role="reference",
+                                    info={"commands": "lvcreate -s, lvchange -ay -K" + (", mount" if mount else ""),
+                                          "pool": "lvm thin pool on a loop device (64 KiB chunks, --zero n)"}))
+        notes.append("lvm CLI: the pool is lvm's own, on a loop device of a sparse file on the same work "
+                     "filesystem; lvm gets the driver's no-udev --config and otherwise its defaults")
+    else:
+        notes.append("lvm CLI: not measured here (lvm2 or losetup missing)")
+    return Benchmark(
+        name=name, description=desc, contenders=contenders,
+        subject="layerfs ioctl", reference=cli, target=target,
+        runs=9, quick_runs=3, warmup=1,
+        workload={"pool": "loop", "fs": fs, "origin_files": ORIGIN_FILES, "basesize": CYCLE_OPTS["dm.basesize"]},
+        notes=notes,
+    )
+
+
 def _layer_cycle(ctx):
     from layerfs.drivers.devicemapper import DevicemapperDriver
 
-    home = ctx.scratch("dm-cycle") / "devicemapper"
-    home.mkdir()
-    drv = DevicemapperDriver(home, CYCLE_OPTS)
+    drivers = {}
+    lvm_user = None
     try:
-        drv.create("origin", None)
-        root = drv.get("origin")
-        for i in range(ORIGIN_FILES):
-            (root / f"f{i}").write_bytes(b"origin %d\n" % i)
-        drv.put("origin")
+        for fs in ("xfs", "ext4"):
+            home = ctx.scratch(f"dm-cycle-{fs}") / "devicemapper"
+            home.mkdir()
+            drivers[fs] = DevicemapperDriver(home, {**CYCLE_OPTS, "dm.fs": fs})
+            _origin(drivers[fs])
+        if all(shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") for t in ("lvm", "losetup")):
+            lvm_user = LvmUser(ctx.scratch("dm-lvm-user"))
+            for fs in drivers:
+                lvm_user.make_origin(fs, drivers[fs]._load()["devices"]["origin"]["size"], ORIGIN_FILES)
         scratch = ctx.scratch("dm-cli-mnt")
+        yield _cycle_row("dm.snapshot_activate", drivers["xfs"], lvm_user, scratch, mount=False)
+        yield _cycle_row("dm.layer_cycle", drivers["xfs"], lvm_user, scratch, mount=True)
+        yield _cycle_row("dm.layer_cycle_ext4", drivers["ext4"], lvm_user, scratch, mount=True, fs_note=" (ext4)")
         yield Benchmark(
-            name="dm.snapshot_activate",
-            description="one thin snapshot of a layer: create + activate, no mount (ioctls vs dmsetup)",
-            contenders=[Contender("layerfs ioctl", IoctlCycle(drv, mount=False).once,
-                                  info={"path": "DevicemapperDriver.create + _activate"}),
-                        Contender("dmsetup", CliCycle(drv, scratch, mount=False).once, role="reference",
-                                  info={"commands": "dmsetup message x2, dmsetup create"})],
-            subject="layerfs ioctl", reference="dmsetup",
-            target=Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup)"),
+            name="dm.mount",
+            description="mount(2) alone of a freshly activated thin snapshot: xfs (nouuid) vs ext4",
+            contenders=[Contender("xfs", MountOnly(drivers["xfs"], scratch, "nouuid").once,
+                                  info={"options": "nouuid"}),
+                        Contender("ext4", MountOnly(drivers["ext4"], scratch, None).once, role="reference",
+                                  info={"options": "(none)"})],
+            subject="xfs", reference="ext4",
             runs=9, quick_runs=3, warmup=1,
-            workload={"pool": "loop", "fs": drv.fs, "origin_files": ORIGIN_FILES},
-            notes=["the same steps as dm.layer_cycle without the mount: the process spawns against the ioctls"],
-        )
-        yield Benchmark(
-            name="dm.layer_cycle",
-            description="one thin snapshot of a layer: create + activate + mount (ioctls vs dmsetup + mount)",
-            contenders=[Contender("layerfs ioctl", IoctlCycle(drv).once,
-                                  info={"path": "DevicemapperDriver.create + get"}),
-                        Contender("dmsetup + mount", CliCycle(drv, scratch).once, role="reference",
-                                  info={"commands": "dmsetup message x2, dmsetup create, mount"})],
-            subject="layerfs ioctl", reference="dmsetup + mount",
-            target=Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup + mount)"),
-            runs=9, quick_runs=3, warmup=1,
-            workload={"pool": "loop", "fs": drv.fs, "origin_files": ORIGIN_FILES, "basesize": CYCLE_OPTS["dm.basesize"]},
-            notes=["untimed per round: unmount, deactivate, delete the snapshot (and, for the CLI path, "
-                   "set the pool's transaction id back)",
-                   "the ioctl path also writes metadata.json three times (fsync) for crash safety; "
-                   "the CLI path keeps no record at all"],
+            workload={"pool": "loop", "origin_files": ORIGIN_FILES, "basesize": CYCLE_OPTS["dm.basesize"]},
+            notes=["untimed per round: create + activate before, unmount + deactivate + delete after",
+                   "both formatted by the driver (mkfs.xfs -K; mkfs.ext4 -E nodiscard,lazy_itable_init=0,"
+                   "lazy_journal_init=0)"],
         )
     finally:
-        drv.deactivate_all()
-        drv.close()
+        if lvm_user is not None:
+            lvm_user.close()
+        for drv in drivers.values():
+            drv.deactivate_all()
+            drv.close()
 
 
 def _apply(ctx):
@@ -245,4 +414,5 @@ def suite(ctx):
     if why:
         raise SkipBenchmark(why)
     yield from _layer_cycle(ctx)
-    yield from _apply(ctx)
+    if os.environ.get("LAYERFS_BENCH_DM_APPLY", "1") != "0":
+        yield from _apply(ctx)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the ``dm`` benchmark suite inside the test VM and copy its results back.
 
-    .venv/bin/python tests/vm/bench_dm.py [--quick] [--runs N] [--out DIR]
+    .venv/bin/python tests/vm/bench_dm.py [--quick] [--runs N] [--no-apply] [--out DIR]
 
 The host has no device-mapper, so the suite (benchmarks/suites/dm.py) runs in
 the QEMU TCG guest that tests/vm/run.py boots.  The 200 MB layer tar is built
@@ -29,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (50 MB layer, 3 rounds)")
     ap.add_argument("--runs", type=int, help="measured rounds per benchmark (>= 5 unless --quick)")
+    ap.add_argument("--no-apply", action="store_true", help="leave out the 200 MB apply row (the per-layer rows only)")
     ap.add_argument("--out", type=Path, default=REPO / "build" / "bench-dm", help="where results go on the host")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the VM is killed (default 1800)")
     args = ap.parse_args()
@@ -38,7 +39,9 @@ def main() -> int:
     from benchmarks.suites import dm
 
     env = []
-    if not args.quick:
+    if args.no_apply:
+        env.append("LAYERFS_BENCH_DM_APPLY=0")
+    elif not args.quick:
         tar, _ = synth.cached_tar(dm.APPLY_SPEC, REPO / "benchmarks" / "results" / "cache")
         env.append(f"LAYERFS_BENCH_DM_TAR={tar}")
     bench = [str(REPO / ".venv" / "bin" / "python"), "-m", "benchmarks", "run", "--suite", "dm",
