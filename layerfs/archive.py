@@ -266,10 +266,11 @@ class _ParallelWriter:
 
     Why: unpacking is dominated by per-file syscalls (open, write, chown,
     utime, close), which release the GIL; two or more threads overlap them
-    where GNU tar does them one after another.  Files go in batches (fewer
-    futures) with a cap on bytes in flight.  Anything that could race with a
-    pending write (replacing, linking or deleting a path, listing a
-    directory) calls barrier() first.
+    where GNU tar does them one after another.  Files and symlinks go in
+    batches (fewer futures) with a cap on bytes in flight.  Anything that
+    could race with a pending job (reusing its name, going through it as a
+    directory, linking to it, deleting or listing a directory above it)
+    calls barrier() first.
     """
 
     def __init__(self, workers: int):
@@ -346,6 +347,8 @@ class _Applier:
             return
         parent, _ = _split(rel)
         self.ensure_dir(parent, entry)
+        if rel in self.writer.pending:
+            self.writer.barrier()  # a file or symlink of that name may still be on its way
         path = self.path(rel)
         try:
             st = os.lstat(path)
@@ -382,7 +385,8 @@ class _Applier:
         """Make room for a new entry at rel; True when an existing directory is kept."""
         if not self.may_exist(rel):
             return False
-        self.writer.barrier()
+        if rel in self.writer.pending:
+            self.writer.barrier()  # the same name earlier in this tar: let its job finish first
         path = self.path(rel)
         try:
             st = os.lstat(path)
@@ -391,6 +395,7 @@ class _Applier:
         if stat.S_ISDIR(st.st_mode):
             if keep_dir:
                 return True
+            self.writer.barrier()  # jobs may still be writing below it
             shutil.rmtree(path)
             self.forget_dirs_under(rel)
         else:
@@ -487,10 +492,9 @@ class _Applier:
         if m.isreg():
             self._write_file(tf, m, rel, path)
         elif m.issym():
-            os.symlink(m.linkname, path)
-            self._set_owner_mode(path, m, symlink=True)
-            self._set_xattrs(path, m)
-            self._set_times(path, m, symlink=True)
+            # Why on the writer threads: creating an inode is the costly part
+            # (see _ParallelWriter); nothing below a symlink is ever written.
+            self.writer.add(rel, lambda: self._create_symlink(path, m), 0)
         elif m.ischr() or m.isblk():
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
             os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
@@ -575,6 +579,13 @@ class _Applier:
             os.utime(fd, ns=times)
         finally:
             os.close(fd)
+
+    def _create_symlink(self, path: str, m: Member) -> None:
+        """Create one symlink with its owner, xattrs and times (runs on worker threads)."""
+        os.symlink(m.linkname, path)
+        self._set_owner_mode(path, m, symlink=True)
+        self._set_xattrs(path, m)
+        self._set_times(path, m, symlink=True)
 
     def _finish_special(self, path: str, m: Member) -> None:
         self._set_owner_mode(path, m, symlink=False)
