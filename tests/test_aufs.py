@@ -192,6 +192,48 @@ def test_listing_read_in_pieces_while_entries_go(drv):
     assert set(os.listdir(mp / "big")) == everything - (doomed - set(seen[:11]))
 
 
+def test_names_looked_up_as_missing_appear_when_made(drv):
+    """Negative entries (cached by the kernel for the entry timeout) never hide a name made later through the mount."""
+    layer(drv, "l1", None, _base())
+    layer(drv, "l2", "l1", _upper())
+    mp = container(drv, "c", "l2")
+    names = ["created", "renamed", "linked", "dir", "sym", "fifo", "etc/hosts", "top", "lib/a"]
+    for name in names:  # each one looked up and found missing (whited out or never there)
+        with pytest.raises(FileNotFoundError):
+            os.lstat(mp / name)
+    with open(mp / "created", "xb") as f:
+        f.write(b"new file")
+    (mp / "source").write_bytes(b"moved")
+    os.rename(mp / "source", mp / "renamed")
+    os.link(mp / "keep" / "k", mp / "linked")
+    os.mkdir(mp / "dir")
+    os.symlink("created", mp / "sym")
+    os.mkfifo(mp / "fifo")
+    (mp / "etc" / "hosts").write_bytes(b"back")  # over an upper whiteout
+    os.rename(mp / "created", mp / "top")  # over a lower whiteout, from another name
+    os.rename(mp / "keep" / "k", mp / "lib" / "a")  # a lower file onto a name its opaque dir hides
+    assert (mp / "top").read_bytes() == b"new file"
+    assert not os.path.lexists(mp / "created")
+    assert (mp / "renamed").read_bytes() == b"moved"
+    assert (mp / "linked").read_bytes() == b"k"
+    assert os.lstat(mp / "linked").st_ino == os.lstat(mp / "lib" / "a").st_ino  # k was moved there
+    assert os.lstat(mp / "linked").st_nlink == 2
+    assert os.path.isdir(mp / "dir") and os.listdir(mp / "dir") == []
+    assert os.readlink(mp / "sym") == "created"
+    assert stat.S_ISFIFO(os.lstat(mp / "fifo").st_mode)
+    assert (mp / "etc" / "hosts").read_bytes() == b"back"
+    assert (mp / "lib" / "a").read_bytes() == b"k"
+    assert sorted(os.listdir(mp)) == ["dir", "etc", "fifo", "keep", "lib", "linked", "renamed", "sym", "top"]
+    assert sorted(os.listdir(mp / "lib")) == ["a", "only"]
+    assert os.listdir(mp / "keep") == []
+    # a name made, removed and looked up again is missing again, then made again
+    os.unlink(mp / "renamed")
+    with pytest.raises(FileNotFoundError):
+        os.lstat(mp / "renamed")
+    os.mkdir(mp / "renamed")
+    assert os.path.isdir(mp / "renamed")
+
+
 def test_lowlevel_hooks_are_active(drv):
     """With this pyfuse3/libfuse the daemon wraps pyfuse3's operations table (else: slower, see _lowlevel)."""
     layer(drv, "l1", None, _base())
