@@ -64,6 +64,25 @@ USER_AGENT = "layerfs/0.1 (+httpx)"
 _RETRY_STATUS = (429, 502, 503, 504)
 
 
+class _LazyTransport(httpx.BaseTransport):
+    """A transport built on its first request (thread-safe)."""
+
+    def __init__(self, build: Callable[[], httpx.BaseTransport]):
+        self._build = build
+        self._inner: httpx.BaseTransport | None = None
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            if self._inner is None:
+                self._inner = self._build()
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+
+
 class RegistryClient:
     """One registry host; thread-safe.  See the module docstring."""
 
@@ -99,13 +118,22 @@ class RegistryClient:
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (token, monotonic expiry)
         self._basic = False  # the registry asked for Basic auth
         self.token_requests = 0
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+        mounts = None
+        if transport is None and self._schemes == ("http",):
+            # Why: building a verifying TLS context loads the CA bundle
+            # (50-250 ms), and a local registry speaks plain HTTP; only a
+            # token realm elsewhere may need HTTPS, verified as always.
+            transport = httpx.HTTPTransport(verify=False, limits=limits)
+            mounts = {"https://": _LazyTransport(lambda: httpx.HTTPTransport(verify=tls_verify, limits=limits))}
         self._client = httpx.Client(
             verify=tls_verify,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            limits=limits,
             transport=transport,
+            mounts=mounts,
         )
 
     # ------------------------------------------------------------ plumbing

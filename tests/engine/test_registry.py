@@ -115,6 +115,41 @@ def test_scheme_rules():
     assert is_local_host("127.0.0.2:80") and not is_local_host("127.example.com")
 
 
+def test_local_client_still_verifies_https_elsewhere(tmp_path):
+    """A local registry's client builds its HTTPS transport only on use (no CA bundle
+    loaded for plain HTTP), and that transport verifies certificates: a token realm
+    served with a self-signed certificate is refused."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    import httpx
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with RegistryClient("127.0.0.1:5000") as client:
+            lazy = client._client._mounts
+            assert len(lazy) == 1 and next(iter(lazy.values()))._inner is None
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                client._client.get(f"https://127.0.0.1:{server.server_address[1]}/token")
+            assert next(iter(lazy.values()))._inner is not None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("creds", ["nocolon", ":pass", ""])
 def test_bad_creds(creds):
     with pytest.raises(LayerfsError) as e:
