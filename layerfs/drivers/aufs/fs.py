@@ -8,9 +8,9 @@ are forgotten only when they have no name left and the kernel no longer
 knows them.  Paths are computed from a node's (parent, name) link, so
 renaming a directory moves its whole subtree at once.
 
-Every handler runs to completion without awaiting: with trio that makes each
-request atomic, so the table, the union's caches and the upper branch are
-never seen half-changed by another request.
+Every handler runs to completion without awaiting and requests are served one
+at a time (_loop; or trio, one worker), so the table, the union's caches and
+the upper branch are never seen half-changed by another request.
 
 Caching.  Everything that changes the union goes through this daemon and so
 through the kernel, which keeps its dentry/attribute caches right; entries
