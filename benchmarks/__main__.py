@@ -44,6 +44,17 @@ def _suites(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _curves(values: list[str] | None) -> set[str] | None:
+    if not values:
+        return None
+    from .suites.scaling import CURVES
+    names = {n.strip() for v in values for n in v.split(",") if n.strip()}
+    unknown = sorted(names - set(CURVES))
+    if unknown:
+        raise UsageError(f"unknown scaling curve(s): {', '.join(unknown)}; choose from {', '.join(CURVES)}")
+    return names
+
+
 def _storage_opts(values: list[str] | None) -> dict[str, str] | None:
     if not values:
         return None
@@ -98,6 +109,7 @@ def cmd_run(args) -> int:
     if args.runs is not None and args.runs < 1:
         raise UsageError("--runs must be at least 1")
     options = _storage_opts(args.storage_opt)
+    curves = _curves(args.curves)
     out = Path(args.out).resolve()
     work_parent = Path(args.work_dir).resolve() if args.work_dir else out
     work_parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +131,7 @@ def cmd_run(args) -> int:
             peers = set()
     ctx = RunContext(out_dir=out, cache_dir=out / "cache", work_dir=work, quick=args.quick,
                      driver=usable[0] if usable else args.driver, options=options,
-                     drivers=usable, drivers_skipped=unusable, peers=peers, image=args.image)
+                     drivers=usable, drivers_skipped=unusable, peers=peers, image=args.image, curves=curves)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     doc = {
@@ -127,7 +139,7 @@ def cmd_run(args) -> int:
         "config": {"quick": args.quick, "runs": args.runs, "suites": suites, "driver": ctx.driver,
                    "drivers": usable, "drivers_skipped": unusable,
                    "peers": sorted(peers) if peers is not None else "all installed",
-                   "image": args.image, "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
+                   "image": args.image, "curves": sorted(curves) if curves else "all", "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
                    "argv": sys.argv},
         "peers": bench_peers.versions(),
         "results": [],
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quick", action="store_true",
                    help="smoke run: scaled-down workloads, 3 rounds, targets not judged (well under 3 min)")
     r.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default %(default)s)")
+    r.add_argument("--curves", action="append", metavar="C1,C2",
+                   help="scaling suite: only these curves (depth, files, containers, parallel; default all)")
     r.add_argument("--runs", type=int, help=f"measured rounds per benchmark (>= {MIN_RUNS} unless --quick)")
     r.add_argument("--drivers", metavar="D1,D2",
                    help="layerfs drivers to benchmark (default: every driver that opens here)")

@@ -26,6 +26,7 @@ class RunContext:
     drivers_skipped: dict[str, str] = field(default_factory=dict)   # driver -> why it cannot run here
     peers: set[str] | None = None                             # None: every peer installed
     image: str = "synthetic"                                  # pull/snapshot input: synthetic | realistic
+    curves: set[str] | None = None                            # scaling curves to run (None: all)
     _counter: Any = field(default_factory=lambda: itertools.count())
 
     def scratch(self, stem: str) -> Path:
