@@ -481,7 +481,7 @@ class _Applier:
                 self.setgid_dirs.discard(rel)
             self._set_xattrs(path, m)
             self.dir_times.pop(rel, None)  # a later entry for the same directory wins
-            self.dir_times[rel] = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
+            self.dir_times[rel] = _times_ns(m)
             self.overlay_whiteouts.discard(rel)
             return
         if m.islnk():
@@ -538,7 +538,7 @@ class _Applier:
         chown = self.chown and (m.uid or m.gid or not self.fresh or parent in self.setgid_dirs)
         mode = m.mode & 0o7777
         chmod = bool(mode & 0o7000) or (mode & self.umask) != 0
-        times = (_time_ns(m, "atime"), _time_ns(m, "mtime"))
+        times = _times_ns(m)
         self.size += m.file_size
         if m.sparse is None and m.size <= SMALL_FILE:
             data = tf.read_data(m.size) if m.size else b""
@@ -600,7 +600,7 @@ class _Applier:
             os.chmod(path, m.mode & 0o7777)
 
     def _set_times(self, path: str, m: Member, symlink: bool) -> None:
-        os.utime(path, ns=(_time_ns(m, "atime"), _time_ns(m, "mtime")), follow_symlinks=not symlink)
+        os.utime(path, ns=_times_ns(m), follow_symlinks=not symlink)
 
     def _set_xattrs(self, path: str, m: Member) -> None:
         if not m.pax_headers:
@@ -627,27 +627,30 @@ class _Applier:
 
 def parse_pax_time(value: str) -> int | None:
     """A pax time record ("1700000000.123456789", "-5.5") in exact nanoseconds (pure)."""
+    whole, _, frac = value.partition(".")
+    if whole.isascii() and whole.isdigit() and frac.isascii() and (frac.isdigit() or not frac):
+        # The common record, without the regular expression (two per entry).
+        return int(whole) * 1_000_000_000 + int(frac[:9].ljust(9, "0"))
     m = _PAX_TIME_RE.match(value.strip())
     if m is None:
         return None
-    sign, whole, frac = m.group(1), int(m.group(2)), (m.group(3) or "")[:9].ljust(9, "0")
-    ns = whole * 1_000_000_000 + int(frac)
+    sign, whole_number, frac = m.group(1), int(m.group(2)), (m.group(3) or "")[:9].ljust(9, "0")
+    ns = whole_number * 1_000_000_000 + int(frac)
     return -ns if sign == "-" else ns
 
 
 _PAX_TIME_RE = re.compile(r"^([-+]?)(\d+)(?:\.(\d*))?$")
 
 
-def _time_ns(m: Member, key: str) -> int:
-    """The entry's mtime/atime in ns; pax records are read exactly (tarfile turns them into floats)."""
-    record = m.pax_headers.get(key) if m.pax_headers else None
-    if record is not None:
-        ns = parse_pax_time(record)
-        if ns is not None:
-            return ns
-    if key == "atime":
-        return _time_ns(m, "mtime")
-    return int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
+def _times_ns(m: Member) -> tuple[int, int]:
+    """The entry's (atime, mtime) in ns; pax records are read exactly (tarfile turns them into
+    floats); no atime means the mtime."""
+    pax = m.pax_headers
+    mtime = parse_pax_time(pax["mtime"]) if pax and "mtime" in pax else None
+    if mtime is None:
+        mtime = int(m.mtime) * 1_000_000_000 if float(m.mtime).is_integer() else int(round(m.mtime * 1e9))
+    atime = parse_pax_time(pax["atime"]) if pax and "atime" in pax else None
+    return (mtime if atime is None else atime), mtime
 
 
 STREAM_ERRORS = (

@@ -97,7 +97,7 @@ def parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     """One archive entry, with the attribute names of tarfile.TarInfo that layerfs uses."""
 
@@ -195,9 +195,13 @@ class TarReader:
     def _read_blob(self, size: int, what: str) -> bytes:
         if size > 64 << 20:
             raise TarFormatError(f"{what} of {size} bytes is implausibly large")
-        data = self._read_exact(size, what)
-        self._read_exact(-size % BLOCK, "padding")
-        return data
+        padded = size + (-size % BLOCK)
+        data = self._read(padded)  # one read with its padding: a pax header per entry is common
+        if len(data) < size:
+            raise TarFormatError(f"archive ends inside {what}")
+        if len(data) < padded:
+            raise TarFormatError("archive ends inside padding")
+        return data[:size]
 
     def __iter__(self) -> Iterator[Member]:
         pax: dict[str, str] = {}

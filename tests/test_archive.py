@@ -1292,3 +1292,33 @@ def test_round_trip_through_gzip_and_zstd(tmp_path):
         assert res.diff_id == diff_id
         assert snapshot(str(dst)) == snapshot(str(src))
         assert getxattr(dst / "bin" / "ping", "security.capability") == CAPABILITY
+
+
+def _pax_time_reference(value: str) -> int | None:
+    """parse_pax_time's meaning, spelt out with one regular expression."""
+    m = re.fullmatch(r"([-+]?)(\d+)(?:\.(\d*))?", value.strip())
+    if m is None:
+        return None
+    ns = int(m.group(2)) * 1_000_000_000 + int((m.group(3) or "")[:9].ljust(9, "0"))
+    return -ns if m.group(1) == "-" else ns
+
+
+@given(st.one_of(
+    st.text(alphabet="0123456789.-+ \t\u0661x", max_size=24),
+    st.builds(lambda w, f: f"{w}.{f}", st.integers(0, 10**12), st.integers(0, 10**12)),
+))
+@example("1700000000.123456789")
+@example("5.")
+@example(".5")
+@example("1.1234567891")
+def test_parse_pax_time_matches_its_definition(value):
+    assert archive.parse_pax_time(value) == _pax_time_reference(value)
+
+
+def test_times_ns_reads_pax_records_exactly():
+    member = archive.Member(name="f", type=b"0", mode=0o644, uid=0, gid=0, size=0, mtime=1.5,
+                            pax_headers={"mtime": "1700000000.123456789"})
+    assert archive._times_ns(member) == (1700000000123456789, 1700000000123456789)
+    member.pax_headers["atime"] = "7.000000001"
+    assert archive._times_ns(member) == (7000000001, 1700000000123456789)
+    assert archive._times_ns(archive.Member(name="f", type=b"0", mode=0, uid=0, gid=0, size=0, mtime=3)) == (3 * 10**9,) * 2
