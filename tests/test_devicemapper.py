@@ -367,7 +367,7 @@ class _Dmeventd:
 
     def lvm(self, *args: str) -> str:
         """lvm with this daemon's configuration (monitoring on), not the driver's no-udev --config."""
-        r = subprocess.run(["lvm", *args], capture_output=True, text=True, env=self.env)
+        r = subprocess.run(["lvm", *args], check=False, capture_output=True, text=True, env=self.env)
         assert r.returncode == 0, f"lvm {' '.join(args)}: {r.stderr.strip()}"
         return r.stdout
 

@@ -166,7 +166,7 @@ class LvmUser:
         self.img = scratch / "lvm-pv.img"
         with open(self.img, "wb") as f:
             f.truncate(2 << 30)
-        r = subprocess.run(["losetup", "--find", "--show", str(self.img)], capture_output=True, text=True)
+        r = subprocess.run(["losetup", "--find", "--show", str(self.img)], check=False, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"losetup {self.img}: {r.stderr.strip()}")
         self.loop = r.stdout.strip()
@@ -207,7 +207,7 @@ class LvmUser:
                 self.lvm(*args)
             except Exception as e:  # noqa: BLE001 - cleanup must not hide results
                 _log(f"[dm] lvm {args[0]}: {e}")
-        subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        subprocess.run(["losetup", "-d", self.loop], check=False, capture_output=True)
         self.img.unlink(missing_ok=True)
 
 
