@@ -124,13 +124,17 @@ def push(
             kept_compression = oci.LAYER_COMPRESSION.get(desc.media_type, "gzip")
             if have is not None and kept_compression == compression:
                 digest, size, path = desc.digest, desc.size, str(have)
+            elif have is not None:
+                digest, size, path = compress_file(str(have), work, compression)
             else:
-                source = str(have) if have is not None else _export_layer(images, chain_id, work)
-                if have is None:
-                    exported = _diff_id_of(source)
-                    if exported != diff_ids[i]:
-                        diff_ids[i] = exported  # re-exported bytes differ: the pushed config says so
-                digest, size, path = compress_file(source, work, compression)
+                source, exported = _export_layer(images, chain_id, work)
+                if exported != diff_ids[i]:
+                    diff_ids[i] = exported  # re-exported bytes differ: the pushed config says so
+                if compression == "none":
+                    # The exported tar is the blob, and the export hashed it: no second pass.
+                    digest, size, path = exported, os.path.getsize(source), source
+                else:
+                    digest, size, path = compress_file(source, work, compression)
             blob_paths[digest] = path
             layer_descs.append({"mediaType": oci.layer_media_type(manifest_type, compression), "size": size, "digest": digest})
             emit({"event": "layer", "digest": digest, "status": "prepared", "total": size})
@@ -168,21 +172,12 @@ def push(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _export_layer(images: ImageStore, chain_id: str, work: Path) -> str:
+def _export_layer(images: ImageStore, chain_id: str, work: Path) -> tuple[str, str]:
+    """The layer re-exported into a temporary tar under *work*: (path, its diff id)."""
     fd, path = tempfile.mkstemp(prefix=".layer-", suffix=".tar", dir=work)
     with os.fdopen(fd, "wb") as out:
-        images.store.export_layer(chain_id, out)
-    return path
-
-
-def _diff_id_of(path: str) -> str:
-    import hashlib
-
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return "sha256:" + sha.hexdigest()
+        diff_id = images.store.export_layer(chain_id, out)  # the sha256 of the bytes written
+    return path, diff_id
 
 
 def commit_image(images: ImageStore, container: str, image_name: str, *, message: str = "", compression: str = "gzip") -> Image:

@@ -181,7 +181,8 @@ def test_a_layer_with_path_traversal_is_refused(images, tmp_path):
 # docker-archive layers are always written uncompressed: one compression is enough there.
 @pytest.mark.parametrize(
     "transport, compression",
-    [("oci", "gzip"), ("oci", "zstd"), ("oci-archive", "gzip"), ("oci-archive", "zstd"), ("docker-archive", "gzip")],
+    [("oci", "gzip"), ("oci", "zstd"), ("oci-archive", "gzip"), ("oci-archive", "zstd"), ("oci-archive", "none"),
+     ("docker-archive", "gzip"), ("docker-archive", "none")],
 )
 def test_commit_push_pull_round_trip(images, tmp_path, transport, compression):
     built = write_layout(tmp_path / "layout")
