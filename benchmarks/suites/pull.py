@@ -487,7 +487,7 @@ def suite(ctx):
             description="layerfs pull vs `docker pull` of the same image from the local registry",
             contenders=[reg_par] + d_pulls,
             subject=reg_par.name, reference=d_pulls[0].name, target=Target.ratio(0.6),
-            runs=7, quick_runs=2, workload=workload, notes=[CACHE_NOTE] + peer_notes,
+            runs=7, quick_runs=1, workload=workload, notes=[CACHE_NOTE] + peer_notes,
             between_rounds=warm_registry,
         )
         yield Benchmark(
@@ -495,7 +495,7 @@ def suite(ctx):
             description="layerfs pull of the docker-archive vs `docker load` / `ctr image import` of it",
             contenders=[arc] + loads,
             subject=arc.name, reference=loads[0].name, target=Target.ratio(0.6),
-            runs=7, quick_runs=2, workload=workload,
+            runs=7, quick_runs=1, workload=workload,
             notes=[CACHE_NOTE, "ratio and target are against the first peer (docker load, overlay2); "
                    "every peer's figure is in the every-contender table"] + peer_notes,
             between_rounds=warm_archive,

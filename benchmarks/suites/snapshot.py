@@ -273,7 +273,7 @@ def suite(ctx):
                 description=f"{step}: {what[step]} on the 3-layer image",
                 contenders=[Contender(label, (lambda c=c, s=step: c.run(s)), role=role, info=info)
                             for label, role, c, info in cycles],
-                subject=subject, reference=reference, runs=9, quick_runs=3, warmup=1,
+                subject=subject, reference=reference, runs=9, quick_runs=2, warmup=1,
                 workload={"image": built.meta["description"], "files_written": NFILES},
                 notes=notes if step == "prepare" else ["see snapshot.prepare"],
             )
