@@ -153,11 +153,17 @@ def cmd_run(args) -> int:
                 doc["results"].append(_suite_failure(name, {"skipped": why}))
                 continue
             if name not in PER_DRIVER:
-                doc["results"] += run_suite(name, SUITES[name], ctx, quick=args.quick, runs=args.runs)
+                try:
+                    doc["results"] += run_suite(name, SUITES[name], ctx, quick=args.quick, runs=args.runs)
+                finally:
+                    ctx.remove_deferred()
                 continue
             for d in usable:
-                doc["results"] += run_suite(f"{name}[{d}]", _per_driver(SUITES[name], d),
-                                            ctx.for_driver(d), quick=args.quick, runs=args.runs)
+                try:
+                    doc["results"] += run_suite(f"{name}[{d}]", _per_driver(SUITES[name], d),
+                                                ctx.for_driver(d), quick=args.quick, runs=args.runs)
+                finally:
+                    ctx.remove_deferred()  # for_driver() shares the list
             for d, why in unusable.items():
                 doc["results"].append(_suite_failure(f"{name}[{d}]", {"skipped": why}))
     except KeyboardInterrupt:

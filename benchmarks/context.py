@@ -28,6 +28,7 @@ class RunContext:
     image: str = "synthetic"                                  # pull/snapshot input: synthetic | realistic
     curves: set[str] | None = None                            # scaling curves to run (None: all)
     _counter: Any = field(default_factory=lambda: itertools.count())
+    _deferred: list = field(default_factory=list)             # paths remove_later() keeps until the suite ends
 
     def scratch(self, stem: str) -> Path:
         """A new, empty directory under the work dir (same filesystem as every store)."""
@@ -37,6 +38,24 @@ class RunContext:
 
     def remove(self, path: Path) -> None:
         mounts.safe_rmtree(path)
+
+    def remove_later(self, path: Path) -> None:
+        """Remove *path* (a round's output, nothing mounted) when the suite ends, not now.
+
+        Why: on ext4 without a journal (these machines) the inode allocator
+        skips inodes freed in the last 60 s (300 s while their table block is
+        dirty), testing each in turn, so a round that creates files right
+        after the previous round removed thousands pays that scan on every
+        create.  Real users do not free and refill a tree every few seconds;
+        a daemon's data root (docker, podman) keeps its files in other block
+        groups.  Removing our own rounds' outputs at the end keeps every
+        contender we control out of it alike.
+        """
+        self._deferred.append(path)
+
+    def remove_deferred(self) -> None:
+        while self._deferred:
+            self.remove(self._deferred.pop())
 
     def layerfs(self):
         """The layerfs module, or SkipBenchmark when it cannot be imported."""

@@ -12,7 +12,8 @@ them byte for byte: the ``tar -xzf`` reference reads the very blobs the pulls
 download), push. The registry is stopped by PID when the suite ends.
 
 Contenders, alternated round by round, each layerfs round into a fresh store
-(opened and removed untimed, then an untimed ``sync``):
+(opened untimed, then an untimed ``sync``; the stores and tar directories are
+removed when the suite ends: see ``RunContext.remove_later``):
 
 - ``pull.registry``            pull from the registry, parallel apply (the default)
                                vs ``tar -xzf`` of each gzip layer into its own
@@ -62,8 +63,11 @@ from ..runner import Benchmark, Contender, SkipBenchmark, Target, stopwatch
 REPO = "bench/pull:1"
 LOCAL_NAME = "bench-pull:1"
 CACHE_NOTE = ("inputs warm in page cache for every contender (read through before and between rounds); "
-              "no fs sync in any timed region; fresh store / fresh directories each round, removed "
-              "untimed, then an untimed `sync`")
+              "no fs sync in any timed region; fresh store / fresh directories each round, an untimed `sync` "
+              "after it; layerfs stores and tar directories are removed when the suite ends, not between rounds "
+              "(ext4 without a journal makes a create scan the inodes freed in the last 60 s: "
+              "RunContext.remove_later); the peers' images are removed (untimed) after each round, as their "
+              "daemons do it")
 
 
 def _log(msg: str) -> None:
@@ -167,7 +171,7 @@ def _pull_contender(ctx, built, label: str, source: str, parallel: bool, verifie
             finally:
                 store.close()
         finally:
-            ctx.remove(root)
+            ctx.remove_later(root)  # see RunContext.remove_later
             os.sync()
         return t.elapsed
 
@@ -188,7 +192,7 @@ def _tar_contender(ctx, paths: list[Path], gz: bool) -> Contender:
                     d.mkdir()
                     subprocess.run(["tar", flag, str(p), "-C", str(d)], check=True)
         finally:
-            ctx.remove(dest)
+            ctx.remove_later(dest)
             os.sync()
         return t.elapsed
 
