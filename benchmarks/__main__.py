@@ -131,7 +131,8 @@ def cmd_run(args) -> int:
             peers = set()
     ctx = RunContext(out_dir=out, cache_dir=out / "cache", work_dir=work, quick=args.quick,
                      driver=usable[0] if usable else args.driver, options=options,
-                     drivers=usable, drivers_skipped=unusable, peers=peers, image=args.image, curves=curves)
+                     drivers=usable, drivers_skipped=unusable, peers=peers, image=args.image, curves=curves,
+                     settle_s=args.settle)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     doc = {
@@ -139,7 +140,7 @@ def cmd_run(args) -> int:
         "config": {"quick": args.quick, "runs": args.runs, "suites": suites, "driver": ctx.driver,
                    "drivers": usable, "drivers_skipped": unusable,
                    "peers": sorted(peers) if peers is not None else "all installed",
-                   "image": args.image, "curves": sorted(curves) if curves else "all", "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
+                   "image": args.image, "curves": sorted(curves) if curves else "all", "settle_s": args.settle, "storage_opts": ctx.options, "out": str(out), "work_dir": str(work),
                    "argv": sys.argv},
         "peers": bench_peers.versions(),
         "results": [],
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE", help="layerfs storage option")
     r.add_argument("--work-dir", help="where stores and extractions go (default: the out dir); "
                                       "its filesystem is recorded")
+    r.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                   help="in the pull suite, start no timed round until SECONDS after a peer last removed its "
+                        "image (ext4 without a journal scans recently freed inodes on every create: 61 "
+                        "removes that from the docker/podman/ctr rows; default 0)")
     r.add_argument("--fail-on-miss", action="store_true", help="exit 3 when a target is missed")
     r.set_defaults(fn=cmd_run)
     ls = sub.add_parser("list", help="list suites")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 import os
 import shutil
 import sys
@@ -29,6 +30,8 @@ class RunContext:
     curves: set[str] | None = None                            # scaling curves to run (None: all)
     _counter: Any = field(default_factory=lambda: itertools.count())
     _deferred: list = field(default_factory=list)             # paths remove_later() keeps until the suite ends
+    settle_s: float = 0.0                                     # --settle: quiet time after a peer frees files
+    _freed_at: list = field(default_factory=lambda: [0.0])    # monotonic time a peer last freed files (shared)
 
     def scratch(self, stem: str) -> Path:
         """A new, empty directory under the work dir (same filesystem as every store)."""
@@ -52,6 +55,16 @@ class RunContext:
         contender we control out of it alike.
         """
         self._deferred.append(path)
+
+    def freed(self) -> None:
+        """A contender just removed files (a peer's image) that remove_later() cannot defer."""
+        self._freed_at[0] = time.monotonic()
+
+    def settle(self) -> None:
+        """Before a timed round: wait until --settle seconds have passed since freed() (untimed)."""
+        wait = self._freed_at[0] + self.settle_s - time.monotonic()
+        if self.settle_s > 0 and wait > 0:
+            time.sleep(wait)
 
     def remove_deferred(self) -> None:
         while self._deferred:

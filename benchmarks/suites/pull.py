@@ -37,7 +37,8 @@ removed when the suite ends: see ``RunContext.remove_later``):
 The peers' daemons are private (:mod:`benchmarks.peers.daemons`: own socket and
 data dir under the work dir, nothing on the network), started for this suite and
 stopped by PID at its end; a peer not installed or failing to start is left out
-with the reason. The peer's image is removed after each round (untimed).
+with the reason. A peer removes its previous image (untimed) at the start of its
+own next round (see ``PEER_CLEANUP_NOTE``).
 
 Each layerfs way of pulling is verified once, in its first (untimed, warm-up)
 round: the image's rootfs is mounted and compared with the expected tree (type,
@@ -66,8 +67,16 @@ CACHE_NOTE = ("inputs warm in page cache for every contender (read through befor
               "no fs sync in any timed region; fresh store / fresh directories each round, an untimed `sync` "
               "after it; layerfs stores and tar directories are removed when the suite ends, not between rounds "
               "(ext4 without a journal makes a create scan the inodes freed in the last 60 s: "
-              "RunContext.remove_later); the peers' images are removed (untimed) after each round, as their "
-              "daemons do it")
+              "RunContext.remove_later); each peer removes its previous image at the start of its own next round")
+
+
+# Why peers clean up before their own round and not after it.
+PEER_CLEANUP_NOTE = (
+    "each peer removes its previous round's image (untimed) at the start of its own next round, not at the end "
+    "of the round: on ext4 without a journal (these machines) every create scans the inodes freed in the last "
+    "60 s, so a removal right before another contender's round would make that contender pay for it (measured: "
+    "a layerfs pull took 1.76 s right after `docker rmi` and 0.68 s otherwise); this way whoever deletes pays, "
+    "as a user doing `rmi` then `pull` does; layerfs rounds use fresh stores removed when the suite ends")
 
 
 def _log(msg: str) -> None:
@@ -160,6 +169,7 @@ def _pull_contender(ctx, built, label: str, source: str, parallel: bool, verifie
             try:
                 images = ImageStore(store)
                 opts = PullOptions(parallel=parallel)
+                ctx.settle()
                 with stopwatch() as t:
                     img = pull(images, source, LOCAL_NAME, opts)
                 if len(img.chain) != 3 or img.config_digest != config_digest:
@@ -186,6 +196,7 @@ def _tar_contender(ctx, paths: list[Path], gz: bool) -> Contender:
     def once() -> float:
         dest = ctx.scratch("tar")
         try:
+            ctx.settle()
             with stopwatch() as t:
                 for i, p in enumerate(paths):
                     d = dest / f"layer{i}"
@@ -228,23 +239,24 @@ def _start_peers(ctx) -> tuple[dict, dict[str, str]]:
     return daemons, why
 
 
-def _docker_contender(kind: str, ref: str, archive: Path, daemon, label: str) -> Contender:
-    """``docker pull REF`` or ``docker load -i ARCHIVE``; the image is removed (untimed) after each."""
+def _docker_contender(ctx, kind: str, ref: str, archive: Path, daemon, label: str) -> Contender:
+    """``docker pull REF`` or ``docker load -i ARCHIVE``; the previous image is removed (untimed) before each."""
     local = REPO if kind == "load" else ref
     docker = daemon.docker
     cmd = docker + (["pull", "-q", ref] if kind == "pull" else ["load", "-q", "-i", str(archive)])
 
     def rmi():
-        subprocess.run(docker + ["rmi", "-f", local], capture_output=True)
+        # Both names: the pull and load rows share a daemon, and a layer left by one would make the other instant.
+        subprocess.run(docker + ["rmi", "-f", REPO, ref], capture_output=True)
+        os.sync()
+        ctx.freed()
 
     def once() -> float:
-        rmi()
-        try:
-            with stopwatch() as t:
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        finally:
-            rmi()
-            os.sync()
+        rmi()  # the previous round's image: removed before this one, untimed (see PEER_CLEANUP_NOTE)
+        ctx.settle()
+        with stopwatch() as t:
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.sync()
         return t.elapsed
 
     return Contender(f"{label.replace('docker', 'docker ' + kind, 1)}", once, role="reference",
@@ -253,8 +265,8 @@ def _docker_contender(kind: str, ref: str, archive: Path, daemon, label: str) ->
                            "pid": daemon.pid, "data_root": str(daemon.base / "root")})
 
 
-def _ctr_import_contender(daemon, archive: Path) -> Contender:
-    """``ctr images import ARCHIVE`` (unpacks into the overlayfs snapshotter); removed (--sync) untimed."""
+def _ctr_import_contender(ctx, daemon, archive: Path) -> Contender:
+    """``ctr images import ARCHIVE`` (unpacks into the overlayfs snapshotter); the previous image removed (--sync) first, untimed."""
     ctr = daemon.ctr
 
     def clean():
@@ -266,14 +278,14 @@ def _ctr_import_contender(daemon, archive: Path) -> Contender:
             raise RuntimeError(f"ctr images rm --sync left {len(left) - 1} snapshot(s)")
 
     def once() -> float:
-        clean()
-        try:
-            with stopwatch() as t:
-                subprocess.run(ctr + ["images", "import", str(archive)], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        finally:
-            clean()
-            os.sync()
+        clean()  # the previous round's image, untimed (see PEER_CLEANUP_NOTE)
+        os.sync()
+        ctx.freed()
+        ctx.settle()
+        with stopwatch() as t:
+            subprocess.run(ctr + ["images", "import", str(archive)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.sync()
         return t.elapsed
 
     return Contender("ctr image import", once, role="reference",
@@ -281,22 +293,22 @@ def _ctr_import_contender(daemon, archive: Path) -> Contender:
                            "containerd": bench_peers.version("containerd"), "pid": daemon.pid})
 
 
-def _podman_contender(kind: str, pm, ref: str, archive: Path) -> Contender:
+def _podman_contender(ctx, kind: str, pm, ref: str, archive: Path) -> Contender:
     """``podman pull REF`` (local registry, --tls-verify=false) or ``podman load -i ARCHIVE``.
 
-    Every image is removed (``podman rmi -af``, untimed) before and after each round.
+    Every image is removed (``podman rmi -af``, untimed) before each round.
     """
     def once() -> float:
-        pm.rmi_all()
-        try:
-            with stopwatch() as t:
-                if kind == "pull":
-                    pm.pull(ref)
-                else:
-                    pm.load(archive)
-        finally:
-            pm.rmi_all()
-            os.sync()
+        pm.rmi_all()  # the previous round's image, untimed (see PEER_CLEANUP_NOTE)
+        os.sync()
+        ctx.freed()
+        ctx.settle()
+        with stopwatch() as t:
+            if kind == "pull":
+                pm.pull(ref)
+            else:
+                pm.load(archive)
+        os.sync()
         return t.elapsed
 
     cmd = f"podman pull -q --tls-verify=false {ref}" if kind == "pull" else "podman load -q -i ARCHIVE"
@@ -473,14 +485,19 @@ def suite(ctx):
                        for pm in podmans]
         peer_notes += [f"{d.name} (pid {d.pid}) on a private socket and data dir under the run's work dir; "
                        "stopped by PID at the end of the suite" for d in daemons.values()]
-        d_pulls = [_docker_contender("pull", f"{reg.host}/{REPO}", archive, daemons[k], k)
+        peer_notes.append(PEER_CLEANUP_NOTE)
+        peer_notes.append(
+            f"--settle {ctx.settle_s:g}: no timed round started until {ctx.settle_s:g} s after a peer's untimed image "
+            "removal (freed inodes stop costing creates)" if ctx.settle_s > 0 else
+            "no --settle: a peer's round starts right after it removed its previous image")
+        d_pulls = [_docker_contender(ctx, "pull", f"{reg.host}/{REPO}", archive, daemons[k], k)
                    for k in ("docker overlay2", "docker fuse-overlayfs") if k in daemons]
-        loads = [_docker_contender("load", f"{reg.host}/{REPO}", archive, daemons[k], k)
+        loads = [_docker_contender(ctx, "load", f"{reg.host}/{REPO}", archive, daemons[k], k)
                  for k in ("docker overlay2", "docker fuse-overlayfs") if k in daemons]
         if "containerd" in daemons:
-            loads.append(_ctr_import_contender(daemons["containerd"], archive))
-        d_pulls += [_podman_contender("pull", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
-        loads += [_podman_contender("load", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
+            loads.append(_ctr_import_contender(ctx, daemons["containerd"], archive))
+        d_pulls += [_podman_contender(ctx, "pull", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
+        loads += [_podman_contender(ctx, "load", pm, f"{reg.host}/{REPO}", archive) for pm in podmans]
         if not d_pulls:
             d_pulls = [Contender("docker pull", _skipped("; ".join(peer_notes) or "no docker"), role="reference")]
         if not loads:
