@@ -431,7 +431,7 @@ def boot(cmd: list[str], timeout: float) -> tuple[int | None, float | None, bool
     t0 = time.monotonic()
     ready: list[float] = []
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = extra[1:]
 
     t_start = time.monotonic()
+    # Why: QEMU runs in its own session (so the console is ours), so a SIGTERM
+    # or SIGHUP to this process would otherwise leave it running; as an
+    # interrupt, run_qemu's finally kills it and the run's files are removed.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         return run_vm(args, extra, t_start)
     except VMError as e:
@@ -495,6 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vm: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: even after a SIGKILL of ours
 
 
 def parse_size(text: str) -> int:
