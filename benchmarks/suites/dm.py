@@ -80,6 +80,11 @@ def _dm_unavailable() -> str | None:
     return None
 
 
+def _mount(fs: str, device: str, mnt) -> None:
+    """Mount a thin snapshot as the CLI contenders do (xfs needs nouuid: snapshots share the origin's UUID)."""
+    _run("mount", "-t", fs, "-o", "nouuid" if fs == "xfs" else "defaults", device, str(mnt))
+
+
 def _run(*cmd: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DM_DISABLE_UDEV": "1"})
     if r.returncode != 0:
@@ -139,8 +144,7 @@ class CliCycle:
                      f"0 {self.sectors} thin {drv.pool.dev_string} {dev_id}")
                 state.append("dev")
                 if self.mount:
-                    _run("mount", "-t", drv.fs, "-o", "nouuid" if drv.fs == "xfs" else "defaults",
-                         f"/dev/mapper/{name}", str(mnt))
+                    _mount(drv.fs, f"/dev/mapper/{name}", mnt)
                     state.append("mnt")
         finally:
             if "mnt" in state:
@@ -231,8 +235,7 @@ class LvmCycle:
                 state.append("lv")
                 lvm("lvchange", "-ay", "-K", f"{vg}/{name}")
                 if self.mount:
-                    _run("mount", "-t", self.fs, "-o", "nouuid" if self.fs == "xfs" else "defaults",
-                         f"/dev/mapper/{vg}-{name}", str(mnt))
+                    _mount(self.fs, f"/dev/mapper/{vg}-{name}", mnt)
                     state.append("mnt")
         finally:
             if "mnt" in state:

@@ -31,19 +31,11 @@ import os
 import signal
 import struct
 
+from ._lowlevel import _Buf  # struct fuse_buf
+
 log = logging.getLogger("layerfs.aufs")
 
 _SHT_SYMTAB = 2
-
-
-class _Buf(ctypes.Structure):  # struct fuse_buf (fuse_common.h)
-    _fields_ = [
-        ("size", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-        ("mem", ctypes.c_void_p),
-        ("fd", ctypes.c_int),
-        ("pos", ctypes.c_int64),
-    ]
 
 
 def _local_symbols(path: str, names: set[bytes]) -> dict[bytes, int]:
