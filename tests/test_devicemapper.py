@@ -221,9 +221,10 @@ def test_crash_between_pool_message_and_metadata_record(tmp_path):
     try:
         with layerfs.open_store(root, driver="devicemapper", options=SMALL) as s:
             layer = register_bytes(s, LayerTar().file("keep", b"kept").bytes())
-        # create: killed after create_snap (pool txn not bumped: rolled back), then after
-        # set_transaction_id (rolled forward by the driver, then dropped by the graph's intent)
-        for point in ("create_snap", "set_transaction_id"):
+        # create: killed after set_transaction_id (no device made yet), then after create_snap
+        # (the device made, nothing recorded): the pool is one transaction ahead and the
+        # driver deletes the id it would have recorded; the graph's intent drops the container
+        for point in ("set_transaction_id", "create_snap"):
             kill_at(point, "create")
             check(container_expected=False)
         with layerfs.open_store(root, driver="devicemapper") as s:
@@ -234,6 +235,54 @@ def test_crash_between_pool_message_and_metadata_record(tmp_path):
     finally:
         teardown_home(root / "devicemapper")
         shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def test_create_whose_record_cannot_be_written_leaves_nothing(dm_home, monkeypatch):
+    """metadata.json cannot be written after both messages: the device goes, and reopening finds nothing."""
+    drv = _driver(dm_home)
+    try:
+        drv.create("a", None)
+        before = _thin_ids(drv)
+
+        def full(meta):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(drv, "_save", full)
+        with pytest.raises(OSError, match="No space"):
+            drv.create("b", "a")
+        monkeypatch.undo()
+        drv.close()
+        drv = _driver(dm_home)  # the pool is one transaction ahead of the record: repaired on open
+        assert drv.ids() == {"a"}
+        assert _thin_ids(drv) == before == _known_ids(drv)
+        assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
+        assert drv.cleanup(repair=False) == []
+        drv.create("b", "a")
+        assert drv.ids() == {"a", "b"}
+    finally:
+        drv.close()
+
+
+def test_open_finishes_a_create_recorded_as_an_intent_by_an_older_layerfs(dm_home):
+    """Older stores wrote a pending create before the messages: one that reached the pool is recorded on open."""
+    drv = _driver(dm_home)
+    try:
+        drv.create("a", None)
+        meta = drv._load()
+        rec = meta["devices"].pop("a")
+        meta["pending"] = {"op": "create", "key": "a", "device_id": rec["device_id"],
+                           "transaction_id": meta["transaction_id"], "record": rec}
+        meta["transaction_id"] -= 1
+        meta["next_device_id"] = rec["device_id"]
+        drv._save(meta)
+        assert drv.cleanup(repair=False) == ["devicemapper: an interrupted create"]
+        drv.close()
+        drv = _driver(dm_home)
+        assert drv.ids() == {"a"} and drv._load()["pending"] is None
+        assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
+        assert _thin_ids(drv) == _known_ids(drv)
+    finally:
+        drv.close()
 
 
 def test_deferred_removal_and_deletion_of_a_busy_device(dm_home):

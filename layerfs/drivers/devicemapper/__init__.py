@@ -18,17 +18,20 @@ On disk, under ``<root>/devicemapper``::
     loop/metadata
     directlvm.json  dm.directlvm_device only: the VG this store made
 
-Crash safety: the pool commits its metadata after every message, so each
-device creation or deletion is three durable steps::
+Crash safety: the pool commits its metadata after every message.  A device
+creation is three ordered steps, one of them a durable write::
 
-    1. metadata.json: pending = {op, id, device id, transaction id T+1}
-    2. message create_snap/create_thin/delete, then set_transaction_id T T+1
-    3. metadata.json: the device recorded (or dropped), T+1, no pending
+    1. message set_transaction_id T T+1
+    2. message create_snap N ORIGIN (or create_thin N); N is the id metadata.json allocates next
+    3. metadata.json: the device recorded, T+1, next id N+1 (fsync, rename, fsync)
 
-On open, the pool's transaction id says how far step 2 got: T+1 means it
-finished (roll forward: record it), T means it may have half-run (a create
-is rolled back by deleting its device id, a delete is finished).  Device
-ids are never reused while recorded, so no thin device leaks.
+A deletion records its intent first (pending = {op, id, device id, T+1}),
+sends ``delete`` and ``set_transaction_id T T+1``, then records the result.
+On open, the pool's transaction id says how far a crash got: one ahead of a
+record with nothing pending means a creation died before step 3, and the id
+it may have made (the next one metadata.json allocates, a pure function of
+the record) is deleted; a pending deletion is finished.  Device ids are never
+reused while recorded, so no thin device leaks and no recorded one is lost.
 
 Modules: ``dmioctl`` (struct dm_ioctl on /dev/mapper/control), ``pool``
 (loop, thinpooldev and direct-lvm pools; lvm2 CLI), ``config`` (the ``dm.*``
@@ -190,11 +193,13 @@ class DevicemapperDriver(Transactions, Activation, Driver):
             self._save(meta)
         return pool
 
-    def pool_status(self) -> dmioctl.PoolStatus:
-        return poolmod.pool_status(self.ctl, self.pool)
+    def pool_status(self, *, commit: bool = True) -> dmioctl.PoolStatus:
+        return poolmod.pool_status(self.ctl, self.pool, commit=commit)
 
     def _check_free(self) -> None:
-        st = self.pool_status()
+        # The in-core counts are current; making the kernel commit first would cost a
+        # metadata write and flush per new layer for nothing.
+        st = self.pool_status(commit=False)
         need = self.cfg.min_free_space
         if st.mode != "rw" or st.needs_check:
             raise PoolFull(f"thin pool {self.pool.source} is {st.mode}{' and needs thin_check' if st.needs_check else ''}; "
@@ -380,6 +385,10 @@ class DevicemapperDriver(Transactions, Activation, Driver):
             found += self._reap_views(repair)
             if meta.get("pending") is not None:
                 found += self._recover(meta) if repair else [f"devicemapper: an interrupted {meta['pending']['op']}"]
+            elif (actual := self.pool_status(commit=False).transaction_id) != meta["transaction_id"]:
+                found += self._recover(meta) if repair else [
+                    f"devicemapper: the pool's transaction id is {actual}, metadata.json's {meta['transaction_id']}"
+                    + (" (an interrupted create)" if actual == meta["transaction_id"] + 1 else "")]
             if repair:
                 found += self._retry_deferred(meta)
             elif meta["deferred"]:

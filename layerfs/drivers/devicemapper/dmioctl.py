@@ -432,9 +432,15 @@ class Control:
             raise
         return DeviceInfo(hdr.name, hdr.dev, hdr.open_count, hdr.flags, hdr.target_count, hdr.event_nr)
 
-    def status(self, name: str) -> list[Target]:
-        """Targets with their status strings (DM_TABLE_STATUS)."""
-        hdr, buf = self._call(DM_TABLE_STATUS, name, name=name, out_size=4096)
+    def status(self, name: str, *, flush: bool = True) -> list[Target]:
+        """Targets with their status strings (DM_TABLE_STATUS).
+
+        A thin pool commits its metadata before it reports (a journal commit and a
+        flush of the metadata device: most of the call's cost); ``flush=False``
+        (DM_NOFLUSH_FLAG) reads the in-core counts as they are, which is what a
+        free-space check needs.
+        """
+        hdr, buf = self._call(DM_TABLE_STATUS, name, name=name, flags=0 if flush else NOFLUSH_FLAG, out_size=4096)
         return parse_targets(bytes(buf[: hdr.data_size]), hdr.data_start, hdr.target_count)
 
     def table(self, name: str) -> list[Target]:

@@ -333,8 +333,9 @@ def setup_directlvm(ctl: Control, home: Path, device: str, vg: str, percent: int
     return pool
 
 
-def pool_status(ctl: Control, pool: Pool) -> dmioctl.PoolStatus:
-    targets = ctl.status(pool.name)
+def pool_status(ctl: Control, pool: Pool, *, commit: bool = True) -> dmioctl.PoolStatus:
+    """The pool's status line; ``commit=False`` skips the metadata commit the kernel does first."""
+    targets = ctl.status(pool.name, flush=commit)
     if len(targets) != 1 or targets[0].type != "thin-pool":
         raise PoolError(f"device-mapper device {pool.name} is no longer a thin pool")
     return dmioctl.parse_pool_status(targets[0].params)

@@ -1,4 +1,4 @@
-"""metadata.json and the three-step transactions that keep it and the thin pool in step.
+"""metadata.json and the ordered steps that keep it and the thin pool in step.
 
 See the package docstring for the ordering; :meth:`Transactions._recover`
 repairs whatever a crash interrupted.  A mixin of :class:`DevicemapperDriver`
@@ -98,12 +98,22 @@ class Transactions:
             meta["devices"][key] = rec
 
     def _create_device(self, meta: dict, key: str, rec: dict, origin: dict | None, origin_key: str | None) -> None:
-        """Create thin device rec['device_id'] (a snapshot of *origin*), committing it in three steps."""
+        """Create thin device rec['device_id'] (a snapshot of *origin*): two pool messages, then one durable record.
+
+        The pool's transaction id goes to T+1 *before* the device is made, so a crash
+        before metadata.json records both leaves the pool one ahead of the record, and
+        the next open deletes the one id the record would have allocated next (see
+        :meth:`_recover`).  One fsynced write per creation instead of an intent and a
+        commit: the id is a pure function of the recorded metadata.
+        """
         for _ in range(16):
             txn = meta["transaction_id"]
             dev_id = rec["device_id"] = self._allocate_id(meta)
-            meta["pending"] = {"op": "create", "key": key, "device_id": dev_id, "transaction_id": txn + 1, "record": rec}
-            self._save(meta)
+            try:
+                self._message(dmioctl.msg_set_transaction_id(txn, txn + 1))
+            except DMError as exc:
+                raise self._pool_error(exc) from None
+            meta["transaction_id"] = txn + 1
             try:
                 if origin is None:
                     self._message(dmioctl.msg_create_thin(dev_id))
@@ -111,32 +121,29 @@ class Transactions:
                     with self._suspended(origin_key):
                         self._message(dmioctl.msg_create_snap(dev_id, origin["device_id"]))
             except DMError as exc:
-                meta["pending"] = None
                 if exc.errno == errno.EEXIST:
                     # An id this metadata does not know is taken in the pool: skip it.
                     log.warning("thin device id %d already exists in pool %s; skipping it", dev_id, self.pool.name)
                     meta["next_device_id"] = dev_id + 1
                     self._save(meta)
                     continue
-                self._save(meta)
+                self._save(meta)  # the pool's new transaction id, nothing else
                 raise self._pool_error(exc) from None
-            try:
-                self._message(dmioctl.msg_set_transaction_id(txn, txn + 1))
-            except DMError:
+            except BaseException:
+                # Interrupted (KeyboardInterrupt) after the id moved on: undo what may have been made.
                 self._try_message(dmioctl.msg_delete(dev_id))
-                meta["pending"] = None
                 self._save(meta)
                 raise
-            self._finish_create(meta, key, rec)
+            meta["next_device_id"] = dev_id + 1
+            self._set_record(meta, key, rec)
+            try:
+                self._save(meta)
+            except BaseException:
+                self._set_record(meta, key, None)
+                self._try_message(dmioctl.msg_delete(dev_id))
+                raise
             return
         raise PoolError(f"thin pool {self.pool.source}: 16 device ids in a row were already taken")
-
-    def _finish_create(self, meta: dict, key: str, rec: dict) -> None:
-        meta["transaction_id"] += 1
-        meta["next_device_id"] = rec["device_id"] + 1
-        self._set_record(meta, key, rec)
-        meta["pending"] = None
-        self._save(meta)
 
     def _delete_device(self, meta: dict, key: str, rec: dict) -> bool:
         """Delete a (deactivated) thin device; False when it was busy and its deletion deferred."""
@@ -188,12 +195,24 @@ class Transactions:
         found = []
         actual = self.pool_status().transaction_id
         p = meta.get("pending")
-        if p is not None:
+        if p is None and actual == meta["transaction_id"] + 1:
+            # A creation moved the pool's transaction id on and died before it was
+            # recorded: the device it may have made has the id this metadata allocates next.
+            dev_id = self._allocate_id(meta)
+            found.append(f"devicemapper: rolled back the creation of thin device {dev_id} a crash interrupted")
+            self._try_message(dmioctl.msg_delete(dev_id))
+            meta["transaction_id"] = actual
+            self._save(meta)
+        elif p is not None:
             txn = meta["transaction_id"]
-            if p["op"] == "create":
+            if p["op"] == "create":  # written by an older layerfs (an intent before the messages)
                 if actual == p["transaction_id"]:
                     found.append(f"devicemapper: finished recording thin device {p['device_id']} ({p['key']}) a crash interrupted")
-                    self._finish_create(meta, p["key"], p["record"])
+                    meta["transaction_id"] = actual
+                    meta["next_device_id"] = p["device_id"] + 1
+                    self._set_record(meta, p["key"], p["record"])
+                    meta["pending"] = None
+                    self._save(meta)
                 elif actual == txn:
                     found.append(f"devicemapper: rolled back the creation of thin device {p['device_id']} ({p['key']})")
                     self._try_message(dmioctl.msg_delete(p["device_id"]))
