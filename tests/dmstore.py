@@ -9,7 +9,7 @@ the template's pool files: the blocks that hold data are copied, holes and
 all-zero blocks stay holes (the base's zeroed xfs log reads back the same).
 The seeded store is a real, independent store: its own loop devices, its
 own pool device (device-mapper names come from the home's path and inode),
-its own metadata.json; what it skips is only running mkfs again.
+its own metadata file; what it skips is only running mkfs again.
 
 On a host without device-mapper every function here skips (raises
 pytest.skip); inside the VM (LAYERFS_IN_VM=1) a missing device-mapper is a
@@ -18,7 +18,6 @@ failure instead.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -70,8 +69,10 @@ def teardown_home(home: Path) -> None:
     from layerfs.drivers.devicemapper import DevicemapperDriver, dmioctl
     from layerfs.drivers.devicemapper.config import pool_prefix
 
+    from layerfs.drivers.devicemapper.txn import METADATA_FILE
+
     detach_mounts_under(home)
-    if not (home / "metadata.json").exists():
+    if not (home / METADATA_FILE).exists():
         return
     with dmioctl.Control() as ctl:
         prefix = pool_prefix(home) + "-"
@@ -120,16 +121,18 @@ def _copy_sparse(src: Path, dst: Path) -> None:
 def seed(template: Path, home: Path) -> None:
     """Make *home* a copy of the template store (its own names, loop devices and pool)."""
     from layerfs.drivers.devicemapper.config import pool_prefix
+    from layerfs.drivers.devicemapper.metafile import SlotFile
+    from layerfs.drivers.devicemapper.txn import METADATA_FILE
 
     home.mkdir(parents=True)
     (home / "mnt").mkdir()
     (home / "loop").mkdir()
     for name in ("data", "metadata"):
         _copy_sparse(template / "loop" / name, home / "loop" / name)
-    meta = json.loads((template / "metadata.json").read_text())
-    meta["pool"]["source"] = str(home / "loop")
-    meta["pool"]["name"] = f"{pool_prefix(home)}-pool"
-    (home / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    slots = SlotFile(template / METADATA_FILE).read()
+    slots["pool"]["source"] = str(home / "loop")
+    slots["pool"]["name"] = f"{pool_prefix(home)}-pool"
+    SlotFile(home / METADATA_FILE).write(slots)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ parametrises it; tests/dmstore.py makes its stores cheap).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -274,11 +275,14 @@ def test_open_finishes_a_create_recorded_as_an_intent_by_an_older_layerfs(dm_hom
                            "transaction_id": meta["transaction_id"], "record": rec}
         meta["transaction_id"] -= 1
         meta["next_device_id"] = rec["device_id"]
-        drv._save(meta)
+        # ... in the older layout: metadata.json, written whole
+        (dm_home / "metadata.slots").unlink()
+        (dm_home / "metadata.json").write_text(json.dumps(meta))
         assert drv.cleanup(repair=False) == ["devicemapper: an interrupted create"]
         drv.close()
         drv = _driver(dm_home)
         assert drv.ids() == {"a"} and drv._load()["pending"] is None
+        assert not (dm_home / "metadata.json").exists() and (dm_home / "metadata.slots").exists()
         assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
         assert _thin_ids(drv) == _known_ids(drv)
     finally:

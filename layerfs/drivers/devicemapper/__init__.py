@@ -10,8 +10,9 @@ with the /dev/mapper node made here since no udev may run) and mounts it
 
 On disk, under ``<root>/devicemapper``::
 
-    metadata.json   device ids, sizes, parents, the pool's transaction id, the pending operation
-    lock            flock guarding metadata.json across processes
+    metadata.slots  device ids, sizes, parents, the pool's transaction id, the pending operation:
+                    JSON in two checksummed slots written in turn (``metafile``)
+    lock            flock guarding metadata.slots across processes
     mnt/<id>/rootfs the layer's view: a bind mount of the device's rootfs directory
     mnt/<id>/dev    where the device is mounted for a moment to make that bind
     loop/data       loop pools only: sparse data and metadata files
@@ -22,25 +23,25 @@ Crash safety: the pool commits its metadata after every message.  A device
 creation is three ordered steps, one of them a durable write::
 
     1. message set_transaction_id T T+1
-    2. message create_snap N ORIGIN (or create_thin N); N is the id metadata.json allocates next
-    3. metadata.json: the device recorded, T+1, next id N+1 (fsync, rename, fsync)
+    2. message create_snap N ORIGIN (or create_thin N); N is the id the metadata allocates next
+    3. metadata.slots: the device recorded, T+1, next id N+1 (one slot overwritten, fdatasync)
 
 A deletion records its intent first (pending = {op, id, device id, T+1}),
 sends ``delete`` and ``set_transaction_id T T+1``, then records the result.
 On open, the pool's transaction id says how far a crash got: one ahead of a
 record with nothing pending means a creation died before step 3, and the id
-it may have made (the next one metadata.json allocates, a pure function of
+it may have made (the next one the metadata allocates, a pure function of
 the record) is deleted; a pending deletion is finished.  Device ids are never
 reused while recorded, so no thin device leaks and no recorded one is lost.
 
 Modules: ``dmioctl`` (struct dm_ioctl on /dev/mapper/control), ``pool``
 (loop, thinpooldev and direct-lvm pools; lvm2 CLI), ``config`` (the ``dm.*``
-options), ``txn`` (metadata.json, transactions, crash recovery),
-``activation`` (device activation, mounts, the base device), ``diff``
-(changes from inode numbers and ctimes); this module holds the driver class.
+options), ``txn`` (the metadata, transactions, crash recovery),
+``metafile`` (the metadata's on-disk slots), ``activation`` (device
+activation, mounts, the base device), ``diff`` (changes from inode numbers
+and ctimes); this module holds the driver class.
 """
 
-from __future__ import annotations
 from __future__ import annotations
 
 import errno
@@ -387,7 +388,7 @@ class DevicemapperDriver(Transactions, Activation, Driver):
                 found += self._recover(meta) if repair else [f"devicemapper: an interrupted {meta['pending']['op']}"]
             elif (actual := self.pool_status(commit=False).transaction_id) != meta["transaction_id"]:
                 found += self._recover(meta) if repair else [
-                    f"devicemapper: the pool's transaction id is {actual}, metadata.json's {meta['transaction_id']}"
+                    f"devicemapper: the pool's transaction id is {actual}, the metadata's {meta['transaction_id']}"
                     + (" (an interrupted create)" if actual == meta["transaction_id"] + 1 else "")]
             if repair:
                 found += self._retry_deferred(meta)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...errors import InvalidOption
 from .. import parse_size
 
-BASE = "__base__"  # the base device's key in metadata.json and its device-mapper name suffix
+BASE = "__base__"  # the base device's key in the metadata and its device-mapper name suffix
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -1,4 +1,4 @@
-"""metadata.json and the ordered steps that keep it and the thin pool in step.
+"""The store's metadata (metadata.slots) and the ordered steps that keep it and the thin pool in step.
 
 See the package docstring for the ordering; :meth:`Transactions._recover`
 repairs whatever a crash interrupted.  A mixin of :class:`DevicemapperDriver`
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ...errors import DriverUnavailable, InUse, LayerfsError
-from . import dmioctl
+from . import dmioctl, metafile
 from .dmioctl import DMError
 from .pool import PoolError, PoolFull
 from .activation import which
@@ -28,40 +28,40 @@ from .config import BASE
 log = logging.getLogger("layerfs.devicemapper")
 
 _METADATA_VERSION = 1
+METADATA_FILE = "metadata.slots"
+LEGACY_METADATA_FILE = "metadata.json"
 
 
 class Transactions:
-    """Device ids, the pool's transaction id and the pending operation, kept in metadata.json."""
+    """Device ids, the pool's transaction id and the pending operation, kept in metadata.slots."""
 
-    # -- metadata.json -------------------------------------------------------
+    # -- the metadata file (metafile.SlotFile) ------------------------------------
     def _load(self) -> dict:
+        path = self.home / METADATA_FILE
         try:
-            with open(self.home / "metadata.json") as f:
-                meta = json.load(f)
-        except FileNotFoundError:
-            meta = {"version": _METADATA_VERSION, "pool": None, "transaction_id": None, "next_device_id": 1,
-                    "base": None, "devices": {}, "deferred": {}, "pending": None}
+            meta = metafile.SlotFile(path).read()
+        except ValueError as exc:
+            raise DriverUnavailable(f"devicemapper: {exc}; restore it from a backup or start a new store") from None
+        if meta is None:
+            try:  # a store written by an older layerfs: metadata.json, replaced at the first save
+                with open(self.home / LEGACY_METADATA_FILE) as f:
+                    meta = json.load(f)
+            except FileNotFoundError:
+                meta = {"version": _METADATA_VERSION, "pool": None, "transaction_id": None, "next_device_id": 1,
+                        "base": None, "devices": {}, "deferred": {}, "pending": None}
         if meta.get("version") != _METADATA_VERSION:
-            raise DriverUnavailable(f"devicemapper: {self.home}/metadata.json has version {meta.get('version')}, expected {_METADATA_VERSION}")
+            raise DriverUnavailable(f"devicemapper: {path} has version {meta.get('version')}, expected {_METADATA_VERSION}")
         return meta
 
     def _save(self, meta: dict) -> None:
-        path = self.home / "metadata.json"
-        tmp = path.with_name(f".metadata.json.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        metafile.SlotFile(self.home / METADATA_FILE).write(meta)
+        legacy = self.home / LEGACY_METADATA_FILE
+        if legacy.exists():  # the slots file, durable now, wins over it from here on
+            legacy.unlink()
 
     @contextmanager
     def _locked(self) -> Iterator[dict]:
-        """metadata.json, read under the store-wide lock (another process may have changed it)."""
+        """The metadata, read under the store-wide lock (another process may have changed it)."""
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             yield self._load()
@@ -101,7 +101,7 @@ class Transactions:
         """Create thin device rec['device_id'] (a snapshot of *origin*): two pool messages, then one durable record.
 
         The pool's transaction id goes to T+1 *before* the device is made, so a crash
-        before metadata.json records both leaves the pool one ahead of the record, and
+        before the metadata records both leaves the pool one ahead of the record, and
         the next open deletes the one id the record would have allocated next (see
         :meth:`_recover`).  One fsynced write per creation instead of an intent and a
         commit: the id is a pure function of the recorded metadata.
@@ -227,7 +227,7 @@ class Transactions:
             actual = self.pool_status().transaction_id
         if actual != meta["transaction_id"]:
             raise DriverUnavailable(
-                f"devicemapper: thin pool {self.pool.source} has transaction id {actual} but {self.home}/metadata.json "
+                f"devicemapper: thin pool {self.pool.source} has transaction id {actual} but {self.home}/{METADATA_FILE} "
                 f"says {meta['transaction_id']}: something else changed the pool; repair by hand (thin_ls, thin_check)"
             )
         return found
