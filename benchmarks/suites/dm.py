@@ -8,22 +8,29 @@ and copies results.json / results.md back (see that script).
 Rows (subject: layerfs; reference after "vs"):
 
 * ``dm.layer_cycle``: ``DevicemapperDriver.create(id, origin)`` + ``get(id)``:
-  the ``create_snap`` and ``set_transaction_id`` target messages, the
-  metadata.json steps (fsynced writes), create + load ``thin`` table + resume
+  the pool status read (``dm.min_free_space``), the ``set_transaction_id`` and
+  ``create_snap`` target messages, the metadata write (one slot, fdatasync), create + load ``thin`` table + resume
   and the /dev/mapper node, all ioctls, then mount(2) -- vs the same steps with
-  the CLI on the same pool and origin: ``dmsetup message POOL 0 "create_snap N
-  ORIGIN"``, ``dmsetup message ... "set_transaction_id T T+1"``, ``dmsetup
-  create NAME --table "0 S thin POOL N"`` (which makes the node:
-  DM_DISABLE_UDEV=1), ``mount -t xfs -o nouuid`` -- and vs the steps an lvm
+  the CLI on the same pool and origin: ``dmsetup status --noflush POOL`` (the
+  driver's free-space read), ``dmsetup message POOL 0 "set_transaction_id T
+  T+1"``, ``dmsetup message ... "create_snap N ORIGIN"``, ``dmsetup create
+  NAME --table "0 S thin POOL N"`` (which makes the node: DM_DISABLE_UDEV=1),
+  ``mount -t xfs -o nouuid`` -- and the same without the status read (the
+  reference of earlier runs) -- and vs the steps an lvm
   user takes: ``lvcreate -s -n NAME VG/origin`` (a thin snapshot of the parent
   LV in the same thin pool), ``lvchange -ay -K VG/NAME``, ``mount``.  The lvm
   user's pool is lvm's own (a VG on a loop device of a sparse file on the same
   work filesystem, 64 KiB chunks, no zeroing, like the driver's loop pool), its
   parent LV formatted like the driver's base and holding the same files.  The
-  three contenders are alternated in one run.
+  four contenders are alternated in one run.
 * ``dm.snapshot_activate``: the same without the mount on every side.
 * ``dm.layer_cycle_ext4``: ``dm.layer_cycle`` with ``dm.fs=ext4`` (and ext4 on
   the CLI paths' origins).
+* ``dm.layer_cycle_directlvm``: ``dm.layer_cycle`` (xfs) on the production
+  setup: a pool layerfs makes on a virtio disk of its own
+  (``dm.directlvm_device``, the first of LAYERFS_VM_SPARE_DISKS, or
+  LAYERFS_BENCH_DM_DISKS elsewhere), the lvm user's pool on the second disk.
+  Left out when there is no spare disk.
 * ``dm.mount``: mount(2) alone of a freshly activated snapshot, xfs
   (``nouuid``) vs ext4: what the filesystem's mount costs by itself.
 * ``dm.apply_200MB``: ``store.register`` of a 200 MB layer tar on a
@@ -58,6 +65,8 @@ APPLY_SPEC_QUICK = synth.TreeSpec(files=500, total_bytes=50_000_000, seed=5, tag
 #: A devicemapper store big enough for the 200 MB layer (sparse loop files).
 APPLY_OPTS = {"dm.basesize": "1G", "dm.loopdatasize": "4G", "dm.loopmetadatasize": "64M"}
 CYCLE_OPTS = {"dm.basesize": "512M", "dm.loopdatasize": "2G", "dm.loopmetadatasize": "16M"}
+#: The per-layer row on a direct-lvm pool (the first spare disk; lvm's own pool on the second).
+DIRECTLVM_OPTS = {"dm.basesize": "512M"}
 
 
 def _log(msg: str) -> None:
@@ -115,10 +124,15 @@ class IoctlCycle:
 
 
 class CliCycle:
-    """The same steps with dmsetup and mount(8), on the driver's pool and origin."""
+    """The same steps with dmsetup and mount(8), on the driver's pool and origin.
 
-    def __init__(self, drv, scratch: Path, mount: bool = True):
-        self.drv, self.scratch, self.mount, self.n = drv, scratch, mount, 0
+    With *check_free*, first ``dmsetup status --noflush POOL``: the read of the pool's
+    free space that the driver makes before every snapshot (``dm.min_free_space``),
+    the same ioctl (DM_TABLE_STATUS with DM_NOFLUSH_FLAG) as the driver's.
+    """
+
+    def __init__(self, drv, scratch: Path, mount: bool = True, check_free: bool = True):
+        self.drv, self.scratch, self.mount, self.check_free, self.n = drv, scratch, mount, check_free, 0
         rec = drv._load()["devices"]["origin"]
         self.origin_id, self.sectors = rec["device_id"], rec["size"] // 512
 
@@ -136,10 +150,12 @@ class CliCycle:
         state = []
         try:
             with stopwatch() as t:
-                _run("dmsetup", "message", pool, "0", f"create_snap {dev_id} {self.origin_id}")
-                state.append("snap")
+                if self.check_free:
+                    _run("dmsetup", "status", "--noflush", pool)
                 _run("dmsetup", "message", pool, "0", f"set_transaction_id {txn} {txn + 1}")
                 state.append("txn")
+                _run("dmsetup", "message", pool, "0", f"create_snap {dev_id} {self.origin_id}")
+                state.append("snap")
                 _run("dmsetup", "create", name, "--table",
                      f"0 {self.sectors} thin {drv.pool.dev_string} {dev_id}")
                 state.append("dev")
@@ -161,20 +177,24 @@ class CliCycle:
 
 
 class LvmUser:
-    """An lvm user's thin pool and parent LVs: a VG on a loop device of a sparse file in *scratch*."""
+    """An lvm user's thin pool and parent LVs: a VG on *disk*, or on a loop device of a sparse file in *scratch*."""
 
-    def __init__(self, scratch: Path):
+    def __init__(self, scratch: Path, disk: str | None = None):
         from layerfs.drivers.devicemapper import pool as poolmod
 
         self.lvm = poolmod.lvm
-        self.img = scratch / "lvm-pv.img"
-        with open(self.img, "wb") as f:
-            f.truncate(2 << 30)
-        r = subprocess.run(["losetup", "--find", "--show", str(self.img)], check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"losetup {self.img}: {r.stderr.strip()}")
-        self.loop = r.stdout.strip()
-        self.vg = f"lfsbench{os.getpid()}"
+        self.scratch, self.img = scratch, None
+        if disk is not None:
+            self.loop = disk
+        else:
+            self.img = scratch / "lvm-pv.img"
+            with open(self.img, "wb") as f:
+                f.truncate(2 << 30)
+            r = subprocess.run(["losetup", "--find", "--show", str(self.img)], check=False, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"losetup {self.img}: {r.stderr.strip()}")
+            self.loop = r.stdout.strip()
+        self.vg = f"lfsbench{os.getpid()}{'d' if disk else ''}"
         self.origins: dict[str, str] = {}
         self.lvm("pvcreate", "-y", self.loop)
         self.lvm("vgcreate", self.vg, self.loop)
@@ -191,7 +211,7 @@ class LvmUser:
             _run("mkfs.xfs", "-f", "-q", "-K", dev)
         else:
             _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", dev)
-        mnt = self.img.parent / f"mnt-{lv}"
+        mnt = self.scratch / f"mnt-{lv}"
         mnt.mkdir()
         _run("mount", "-t", fs, dev, str(mnt))
         try:
@@ -211,8 +231,9 @@ class LvmUser:
                 self.lvm(*args)
             except Exception as e:  # noqa: BLE001 - cleanup must not hide results
                 _log(f"[dm] lvm {args[0]}: {e}")
-        subprocess.run(["losetup", "-d", self.loop], check=False, capture_output=True)
-        self.img.unlink(missing_ok=True)
+        if self.img is not None:
+            subprocess.run(["losetup", "-d", self.loop], check=False, capture_output=True)
+            self.img.unlink(missing_ok=True)
 
 
 class LvmCycle:
@@ -283,40 +304,48 @@ def _origin(drv) -> None:
     drv.put("origin")
 
 
-def _cycle_row(name, drv, lvm_user, scratch, mount: bool, fs_note: str = ""):
+def _cycle_row(name, drv, lvm_user, scratch, mount: bool, fs_note: str = "", opts: dict = CYCLE_OPTS):
     fs = drv.fs
+    plus = " + mount" if mount else ""
+    cli, bare, lvm_name = f"dmsetup{plus}", f"dmsetup, no free-space read{plus}", f"lvm CLI{plus}"
     if mount:
-        cli, lvm_name = "dmsetup + mount", "lvm CLI + mount"
         desc = f"one thin snapshot of a layer: create + activate + mount{fs_note} (ioctls vs dmsetup vs lvm CLI, + mount)"
         target = Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup + mount)")
         notes = ["untimed per round: unmount, deactivate, delete the snapshot (and, for the dmsetup path, "
                  "set the pool's transaction id back; for the lvm path, lvremove)",
                  "the ioctl path mounts the device, bind-mounts its rootfs/ on the view and unmounts the device "
                  "(3 mount calls); the CLI paths mount once",
-                 "the ioctl path also writes metadata.json three times (fsync) for crash safety; "
-                 "the dmsetup path keeps no record; lvm writes its VG metadata (and archive/backup copies)"]
+                 "the ioctl path also writes its metadata once (pwrite + fdatasync of one slot) for crash safety; "
+                 "the dmsetup paths keep no record; lvm writes its VG metadata (and archive/backup copies)"]
     else:
-        cli, lvm_name = "dmsetup", "lvm CLI"
         desc = "one thin snapshot of a layer: create + activate, no mount (ioctls vs dmsetup vs lvm CLI)"
         target = Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup)")
         notes = ["the same steps as dm.layer_cycle without the mount: the process spawns against the ioctls"]
+    notes.append(f"{cli!r} takes the driver's steps: the pool's free space (dmsetup status --noflush, the "
+                 "driver's dm.min_free_space check), set_transaction_id, create_snap, create; "
+                 f"{bare!r} leaves out the status read (the reference of earlier runs)")
     contenders = [Contender("layerfs ioctl", IoctlCycle(drv, mount=mount).once,
                             info={"path": "DevicemapperDriver.create + " + ("get" if mount else "_activate")}),
                   Contender(cli, CliCycle(drv, scratch, mount=mount).once, role="reference",
+                            info={"commands": "dmsetup status --noflush, dmsetup message x2, dmsetup create" + (", mount" if mount else "")}),
+                  Contender(bare, CliCycle(drv, scratch, mount=mount, check_free=False).once, role="reference",
                             info={"commands": "dmsetup message x2, dmsetup create" + (", mount" if mount else "")})]
     if lvm_user is not None:
         contenders.append(Contender(lvm_name, LvmCycle(lvm_user, fs, scratch, mount=mount).once, role="reference",
                                     info={"commands": "lvcreate -s, lvchange -ay -K" + (", mount" if mount else ""),
-                                          "pool": "lvm thin pool on a loop device (64 KiB chunks, --zero n)"}))
-        notes.append("lvm CLI: the pool is lvm's own, on a loop device of a sparse file on the same work "
-                     "filesystem; lvm gets the driver's no-udev --config and otherwise its defaults")
+                                          "pool": f"lvm thin pool on {'a loop device' if lvm_user.img else lvm_user.loop} "
+                                                  "(64 KiB chunks, --zero n)"}))
+        notes.append("lvm CLI: the pool is lvm's own, " + (
+            "on a loop device of a sparse file on the same work filesystem" if lvm_user.img else
+            f"on a second virtio disk ({lvm_user.loop}) like the driver's ({drv.pool.source})")
+            + "; lvm gets the driver's no-udev --config and otherwise its defaults")
     else:
         notes.append("lvm CLI: not measured here (lvm2 or losetup missing)")
     return Benchmark(
         name=name, description=desc, contenders=contenders,
         subject="layerfs ioctl", reference=cli, target=target,
         runs=9, quick_runs=3, warmup=1,
-        workload={"pool": "loop", "fs": fs, "origin_files": ORIGIN_FILES, "basesize": CYCLE_OPTS["dm.basesize"]},
+        workload={"pool": drv.pool.kind, "fs": fs, "origin_files": ORIGIN_FILES, "basesize": opts["dm.basesize"]},
         notes=notes,
     )
 
@@ -325,7 +354,7 @@ def _layer_cycle(ctx):
     from layerfs.drivers.devicemapper import DevicemapperDriver
 
     drivers = {}
-    lvm_user = None
+    lvm_user = lvm_disk_user = None
     try:
         for fs in ("xfs", "ext4"):
             home = ctx.scratch(f"dm-cycle-{fs}") / "devicemapper"
@@ -340,6 +369,20 @@ def _layer_cycle(ctx):
         yield _cycle_row("dm.snapshot_activate", drivers["xfs"], lvm_user, scratch, mount=False)
         yield _cycle_row("dm.layer_cycle", drivers["xfs"], lvm_user, scratch, mount=True)
         yield _cycle_row("dm.layer_cycle_ext4", drivers["ext4"], lvm_user, scratch, mount=True, fs_note=" (ext4)")
+        # The production setup: a pool layerfs makes on a disk of its own (dm.directlvm_device).
+        disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", os.environ.get("LAYERFS_BENCH_DM_DISKS", "")).split()
+        if disks:
+            home = ctx.scratch("dm-cycle-directlvm") / "devicemapper"
+            home.mkdir()
+            drivers["directlvm"] = DevicemapperDriver(home, {**DIRECTLVM_OPTS, "dm.directlvm_device": disks[0]})
+            _origin(drivers["directlvm"])
+            if lvm_user is not None and len(disks) > 1:
+                lvm_disk_user = LvmUser(ctx.scratch("dm-lvm-user-disk"), disk=disks[1])
+                lvm_disk_user.make_origin("xfs", drivers["directlvm"]._load()["devices"]["origin"]["size"], ORIGIN_FILES)
+            yield _cycle_row("dm.layer_cycle_directlvm", drivers["directlvm"], lvm_disk_user, scratch, mount=True,
+                             fs_note=" (direct-lvm pool on a virtio disk)", opts=DIRECTLVM_OPTS)
+        else:
+            _log("[dm] dm.layer_cycle_directlvm: no spare disk (LAYERFS_VM_SPARE_DISKS / LAYERFS_BENCH_DM_DISKS); left out")
         yield Benchmark(
             name="dm.mount",
             description="mount(2) alone of a freshly activated thin snapshot: xfs (nouuid) vs ext4",
@@ -355,8 +398,9 @@ def _layer_cycle(ctx):
                    "lazy_journal_init=0)"],
         )
     finally:
-        if lvm_user is not None:
-            lvm_user.close()
+        for user in (lvm_user, lvm_disk_user):
+            if user is not None:
+                user.close()
         for drv in drivers.values():
             drv.deactivate_all()
             drv.close()
