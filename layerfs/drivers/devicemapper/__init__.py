@@ -276,7 +276,8 @@ class DevicemapperDriver(Transactions, Activation, Driver):
         rec = self._load()["devices"].get(id)
         if rec is None:
             raise FileNotFoundError(errno.ENOENT, f"devicemapper layer {id} has no device", str(view))
-        self._umount_view(id)  # a half-made view a crash left
+        if self._mnt(id).exists():
+            self._umount_view(id)  # a half-made view a crash left
         dev = self._activate(id, rec)
         try:
             return self._mount_view(id, dev, readonly)

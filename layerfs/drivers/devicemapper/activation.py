@@ -51,16 +51,21 @@ class Activation:
     def _activate(self, key: str, rec: dict) -> str:
         name = self._dm_name(key)
         sectors = rec["size"] // dmioctl.SECTOR
-        info = self.ctl.info(name)
+        info = None
+        try:  # the usual case first: no device yet (one ioctl fewer than asking before)
+            dev = self.ctl.create(name)
+        except DMError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            info = self.ctl.info(name)
+            dev = info.dev if info is not None else self.ctl.create(name)
         if info is not None and info.active:
             if info.deferred_remove:
                 self.ctl.message(name, dmioctl.MSG_CANCEL_DEFERRED_REMOVE)
             table = self.ctl.table(name)
             if table and table[0].length != sectors:
                 self._load_thin(name, rec, sectors)  # grown since it was activated
-            dev = info.dev
         else:
-            dev = info.dev if info is not None else self.ctl.create(name)
             try:
                 self._load_thin(name, rec, sectors)
             except BaseException:
