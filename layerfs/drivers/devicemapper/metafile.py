@@ -28,7 +28,6 @@ import json
 import os
 import struct
 import zlib
-from pathlib import Path
 
 MAGIC = b"LFSDMMD1"
 HEADER = struct.Struct("<8sQII")
@@ -74,14 +73,16 @@ def slot_size_for(payload_len: int) -> int:
 
 
 def encode(meta: dict) -> bytes:
-    return json.dumps(meta, indent=1, sort_keys=True).encode()
+    # Compact on purpose: with ``indent`` json falls back to its pure-Python encoder,
+    # ~2 ms a save under the test VM's emulation (the C one: ~0.1 ms).
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 class SlotFile:
     """``metadata.slots`` under a store's home; callers serialise writers (the store's flock)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
 
     def read(self) -> dict | None:
         """The newest intact save, or None when there is no file (a new store)."""
@@ -124,13 +125,14 @@ class SlotFile:
     def _rewrite(self, payload: bytes, generation: int) -> None:
         slot_size = slot_size_for(len(payload))
         first = pack_slot(generation, payload)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        head, name = os.path.split(self.path)
+        tmp = os.path.join(head, f".{name}.{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(first + bytes(2 * slot_size - len(first)))  # every block written: no unwritten extents later
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:

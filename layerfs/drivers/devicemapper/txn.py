@@ -37,14 +37,14 @@ class Transactions:
 
     # -- the metadata file (metafile.SlotFile) ------------------------------------
     def _load(self) -> dict:
-        path = self.home / METADATA_FILE
+        path = os.path.join(self.home, METADATA_FILE)
         try:
             meta = metafile.SlotFile(path).read()
         except ValueError as exc:
             raise DriverUnavailable(f"devicemapper: {exc}; restore it from a backup or start a new store") from None
         if meta is None:
             try:  # a store written by an older layerfs: metadata.json, replaced at the first save
-                with open(self.home / LEGACY_METADATA_FILE) as f:
+                with open(os.path.join(self.home, LEGACY_METADATA_FILE)) as f:
                     meta = json.load(f)
             except FileNotFoundError:
                 meta = {"version": _METADATA_VERSION, "pool": None, "transaction_id": None, "next_device_id": 1,
@@ -54,10 +54,11 @@ class Transactions:
         return meta
 
     def _save(self, meta: dict) -> None:
-        metafile.SlotFile(self.home / METADATA_FILE).write(meta)
-        legacy = self.home / LEGACY_METADATA_FILE
-        if legacy.exists():  # the slots file, durable now, wins over it from here on
-            legacy.unlink()
+        metafile.SlotFile(os.path.join(self.home, METADATA_FILE)).write(meta)
+        try:  # a store written by an older layerfs: the slots file, durable now, wins from here on
+            os.unlink(os.path.join(self.home, LEGACY_METADATA_FILE))
+        except FileNotFoundError:
+            pass
 
     @contextmanager
     def _locked(self) -> Iterator[dict]:
