@@ -435,8 +435,8 @@ class Control:
     def status(self, name: str, *, flush: bool = True) -> list[Target]:
         """Targets with their status strings (DM_TABLE_STATUS).
 
-        A thin pool commits its metadata before it reports (a journal commit and a
-        flush of the metadata device: most of the call's cost); ``flush=False``
+        A thin pool commits its metadata before it reports (writes and flushes its
+        metadata device: most of the call's cost); ``flush=False``
         (DM_NOFLUSH_FLAG) reads the in-core counts as they are, which is what a
         free-space check needs.
         """
