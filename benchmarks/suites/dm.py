@@ -30,7 +30,9 @@ Rows (subject: layerfs; reference after "vs"):
   setup: a pool layerfs makes on a virtio disk of its own
   (``dm.directlvm_device``, the first of LAYERFS_VM_SPARE_DISKS, or
   LAYERFS_BENCH_DM_DISKS elsewhere), the lvm user's pool on the second disk.
-  Left out when there is no spare disk.
+  The disks must be empty: the driver refuses one with a signature, and the
+  lvm contender is left out then.  Left out when there is no spare disk; run
+  last, since a disk the driver refuses ends the suite.
 * ``dm.mount``: mount(2) alone of a freshly activated snapshot, xfs
   (``nouuid``) vs ext4: what the filesystem's mount costs by itself.
 * ``dm.apply_200MB``: ``store.register`` of a 200 MB layer tar on a
@@ -351,7 +353,7 @@ def _cycle_row(name, drv, lvm_user, scratch, mount: bool, fs_note: str = "", opt
 
 
 def _layer_cycle(ctx):
-    from layerfs.drivers.devicemapper import DevicemapperDriver
+    from layerfs.drivers.devicemapper import DevicemapperDriver, pool as poolmod
 
     drivers = {}
     lvm_user = lvm_disk_user = None
@@ -369,20 +371,6 @@ def _layer_cycle(ctx):
         yield _cycle_row("dm.snapshot_activate", drivers["xfs"], lvm_user, scratch, mount=False)
         yield _cycle_row("dm.layer_cycle", drivers["xfs"], lvm_user, scratch, mount=True)
         yield _cycle_row("dm.layer_cycle_ext4", drivers["ext4"], lvm_user, scratch, mount=True, fs_note=" (ext4)")
-        # The production setup: a pool layerfs makes on a disk of its own (dm.directlvm_device).
-        disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", os.environ.get("LAYERFS_BENCH_DM_DISKS", "")).split()
-        if disks:
-            home = ctx.scratch("dm-cycle-directlvm") / "devicemapper"
-            home.mkdir()
-            drivers["directlvm"] = DevicemapperDriver(home, {**DIRECTLVM_OPTS, "dm.directlvm_device": disks[0]})
-            _origin(drivers["directlvm"])
-            if lvm_user is not None and len(disks) > 1:
-                lvm_disk_user = LvmUser(ctx.scratch("dm-lvm-user-disk"), disk=disks[1])
-                lvm_disk_user.make_origin("xfs", drivers["directlvm"]._load()["devices"]["origin"]["size"], ORIGIN_FILES)
-            yield _cycle_row("dm.layer_cycle_directlvm", drivers["directlvm"], lvm_disk_user, scratch, mount=True,
-                             fs_note=" (direct-lvm pool on a virtio disk)", opts=DIRECTLVM_OPTS)
-        else:
-            _log("[dm] dm.layer_cycle_directlvm: no spare disk (LAYERFS_VM_SPARE_DISKS / LAYERFS_BENCH_DM_DISKS); left out")
         yield Benchmark(
             name="dm.mount",
             description="mount(2) alone of a freshly activated thin snapshot: xfs (nouuid) vs ext4",
@@ -397,6 +385,24 @@ def _layer_cycle(ctx):
                    "both formatted by the driver (mkfs.xfs -K; mkfs.ext4 -E nodiscard,lazy_itable_init=0,"
                    "lazy_journal_init=0)"],
         )
+        # The production setup, last (a disk it cannot use ends the suite): a pool layerfs
+        # makes on a disk of its own (dm.directlvm_device).
+        disks = os.environ.get("LAYERFS_VM_SPARE_DISKS", os.environ.get("LAYERFS_BENCH_DM_DISKS", "")).split()
+        if disks:
+            home = ctx.scratch("dm-cycle-directlvm") / "devicemapper"
+            home.mkdir()
+            drivers["directlvm"] = DevicemapperDriver(home, {**DIRECTLVM_OPTS, "dm.directlvm_device": disks[0]})
+            _origin(drivers["directlvm"])
+            sig = poolmod.disk_signature(disks[1]) if lvm_user is not None and len(disks) > 1 else "no disk"
+            if sig is None:  # never let the lvm user's `pvcreate -y` wipe a disk that holds something
+                lvm_disk_user = LvmUser(ctx.scratch("dm-lvm-user-disk"), disk=disks[1])
+                lvm_disk_user.make_origin("xfs", drivers["directlvm"]._load()["devices"]["origin"]["size"], ORIGIN_FILES)
+            else:
+                _log(f"[dm] dm.layer_cycle_directlvm: no lvm contender (second disk: {sig})")
+            yield _cycle_row("dm.layer_cycle_directlvm", drivers["directlvm"], lvm_disk_user, scratch, mount=True,
+                             fs_note=" (direct-lvm pool on a virtio disk)", opts=DIRECTLVM_OPTS)
+        else:
+            _log("[dm] dm.layer_cycle_directlvm: no spare disk (LAYERFS_VM_SPARE_DISKS / LAYERFS_BENCH_DM_DISKS); left out")
     finally:
         for user in (lvm_user, lvm_disk_user):
             if user is not None:

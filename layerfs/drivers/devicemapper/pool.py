@@ -265,7 +265,8 @@ def open_thinpooldev(ctl: Control, spec: str, kind: str = "thinpooldev") -> Pool
     return pool
 
 
-def _has_signature(device: str) -> str | None:
+def disk_signature(device: str) -> str | None:
+    """What blkid finds on *device* (a filesystem, partition table, PV ...), or None when it looks empty."""
     proc = subprocess.run(["blkid", "-p", "-o", "export", device], capture_output=True, text=True)
     if proc.returncode == 2:
         return None  # nothing found
@@ -303,7 +304,7 @@ def setup_directlvm(ctl: Control, home: Path, device: str, vg: str, percent: int
     if not stat.S_ISBLK(st.st_mode):
         raise InvalidOption(f"dm.directlvm_device={device}: not a block device")
     if lvs(f"{vg}/{lv}") is None:
-        sig = _has_signature(device)
+        sig = disk_signature(device)
         if sig is not None and sig != "LVM2_member":
             raise InvalidOption(
                 f"dm.directlvm_device={device} holds a {sig} signature; layerfs only sets up an empty disk "
