@@ -377,6 +377,15 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
             DevicemapperDriver(other, {"dm.basesize": "512M", "dm.thinpooldev": vg_lv})
         with pytest.raises(errors.InvalidOption, match="dm.directlvm_device"):
             DevicemapperDriver(home, {"dm.directlvm_device": disks[-1] if len(disks) > 1 else "/dev/null"})
+        if len(disks) > 1:
+            # a new store whose VG name is taken by an earlier store's VG on another disk: refused, named
+            vg = vg_lv.split("/")[0]
+            fresh = home.parent / "fresh"
+            fresh.mkdir()
+            with pytest.raises(errors.InvalidOption, match=f"volume group {vg}, left by an earlier store .* is on {disk}"):
+                poolmod.setup_directlvm(drv.ctl, fresh, disks[-1], vg, 80, 2, 70, 25)
+            assert poolmod.disk_signature(disks[-1]) is None, "the other disk was touched"
+            assert not (fresh / "directlvm.json").exists()
         drv.deactivate_all()
     finally:
         vg_lv = drv.pool.lv if getattr(drv, "pool", None) else None

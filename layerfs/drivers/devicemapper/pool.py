@@ -180,6 +180,12 @@ def lvs(target: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def vg_devices(vg: str) -> list[str]:
+    """The physical volumes of volume group *vg* (none when it does not exist)."""
+    out = lvm("pvs", "-o", "pv_name,vg_name", json_report=True)
+    return [row["pv_name"] for row in out["report"][0]["pv"] if row["vg_name"] == vg]
+
+
 def _mangle(name: str) -> str:
     return name.replace("-", "--")
 
@@ -303,6 +309,14 @@ def setup_directlvm(ctl: Control, home: Path, device: str, vg: str, percent: int
         raise InvalidOption(f"dm.directlvm_device={device}: no such device") from None
     if not stat.S_ISBLK(st.st_mode):
         raise InvalidOption(f"dm.directlvm_device={device}: not a block device")
+    on = vg_devices(vg)
+    if on and os.path.realpath(device) not in {os.path.realpath(d) for d in on}:
+        # A VG of this store's name left by an earlier store at the same root (the
+        # name comes from the root's path and inode): never adopt it from another disk.
+        raise InvalidOption(
+            f"dm.directlvm_device={device}: volume group {vg}, left by an earlier store at this root, is on "
+            f"{', '.join(on)}; pass dm.directlvm_device={on[0]}, or remove it (vgremove {vg}) if its data is not needed"
+        )
     if lvs(f"{vg}/{lv}") is None:
         sig = disk_signature(device)
         if sig is not None and sig != "LVM2_member":
