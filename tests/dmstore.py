@@ -68,7 +68,6 @@ def teardown_home(home: Path) -> None:
     from conftest import detach_mounts_under
     from layerfs.drivers.devicemapper import DevicemapperDriver, dmioctl
     from layerfs.drivers.devicemapper.config import pool_prefix
-
     from layerfs.drivers.devicemapper.txn import METADATA_FILE
 
     detach_mounts_under(home)
@@ -129,10 +128,10 @@ def seed(template: Path, home: Path) -> None:
     (home / "loop").mkdir()
     for name in ("data", "metadata"):
         _copy_sparse(template / "loop" / name, home / "loop" / name)
-    slots = SlotFile(template / METADATA_FILE).read()
-    slots["pool"]["source"] = str(home / "loop")
-    slots["pool"]["name"] = f"{pool_prefix(home)}-pool"
-    SlotFile(home / METADATA_FILE).write(slots)
+    meta = SlotFile(template / METADATA_FILE).read()
+    meta["pool"]["source"] = str(home / "loop")
+    meta["pool"]["name"] = f"{pool_prefix(home)}-pool"
+    SlotFile(home / METADATA_FILE).write(meta)
 
 
 @pytest.fixture(scope="session")

@@ -239,7 +239,7 @@ def test_crash_between_pool_message_and_metadata_record(tmp_path):
 
 
 def test_create_whose_record_cannot_be_written_leaves_nothing(dm_home, monkeypatch):
-    """metadata.json cannot be written after both messages: the device goes, and reopening finds nothing."""
+    """The metadata cannot be written after both messages: the device goes, and reopening finds nothing."""
     drv = _driver(dm_home)
     try:
         drv.create("a", None)
