@@ -317,7 +317,13 @@ def setup_directlvm(ctl: Control, home: Path, device: str, vg: str, percent: int
             f"dm.directlvm_device={device}: volume group {vg}, left by an earlier store at this root, is on "
             f"{', '.join(on)}; pass dm.directlvm_device={on[0]}, or remove it (vgremove {vg}) if its data is not needed"
         )
-    if lvs(f"{vg}/{lv}") is None:
+    row = lvs(f"{vg}/{lv}")
+    if on and (row is None or not row["lv_attr"].startswith("t")):
+        # This store's VG on this disk, without its thin pool: a setup that stopped
+        # halfway (no state file was written, and no layer can live in it). Start over.
+        lvm("vgremove", "-ff", "-y", vg)
+        row = None
+    if row is None:
         sig = disk_signature(device)
         if sig is not None and sig != "LVM2_member":
             raise InvalidOption(
