@@ -238,6 +238,12 @@ def test_crash_between_pool_message_and_metadata_record(tmp_path):
         shutil.rmtree(root.parent, ignore_errors=True)
 
 
+def _assert_pool_matches_record(drv) -> None:
+    """The pool's transaction id and thin devices are exactly what the metadata records."""
+    assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
+    assert _thin_ids(drv) == _known_ids(drv)
+
+
 def test_create_whose_record_cannot_be_written_leaves_nothing(dm_home, monkeypatch):
     """The metadata cannot be written after both messages: the device goes, and reopening finds nothing."""
     drv = _driver(dm_home)
@@ -255,8 +261,8 @@ def test_create_whose_record_cannot_be_written_leaves_nothing(dm_home, monkeypat
         drv.close()
         drv = _driver(dm_home)  # the pool is one transaction ahead of the record: repaired on open
         assert drv.ids() == {"a"}
-        assert _thin_ids(drv) == before == _known_ids(drv)
-        assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
+        assert _thin_ids(drv) == before
+        _assert_pool_matches_record(drv)
         assert drv.cleanup(repair=False) == []
         drv.create("b", "a")
         assert drv.ids() == {"a", "b"}
@@ -283,8 +289,7 @@ def test_open_finishes_a_create_recorded_as_an_intent_by_an_older_layerfs(dm_hom
         drv = _driver(dm_home)
         assert drv.ids() == {"a"} and drv._load()["pending"] is None
         assert not (dm_home / "metadata.json").exists() and (dm_home / "metadata.slots").exists()
-        assert drv.pool_status().transaction_id == drv._load()["transaction_id"]
-        assert _thin_ids(drv) == _known_ids(drv)
+        _assert_pool_matches_record(drv)
     finally:
         drv.close()
 

@@ -53,6 +53,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .. import image as bench_image
 from .. import registry as bench_registry
@@ -239,25 +240,30 @@ def _start_peers(ctx) -> tuple[dict, dict[str, str]]:
     return daemons, why
 
 
+def _peer_round(ctx, cleanup: Callable[[], None], run: Callable[[], None]) -> float:
+    """One peer round: remove the previous round's image, untimed (see PEER_CLEANUP_NOTE), then time *run*."""
+    cleanup()
+    os.sync()
+    ctx.freed()
+    ctx.settle()
+    with stopwatch() as t:
+        run()
+    os.sync()
+    return t.elapsed
+
+
 def _docker_contender(ctx, kind: str, ref: str, archive: Path, daemon, label: str) -> Contender:
     """``docker pull REF`` or ``docker load -i ARCHIVE``; the previous image is removed (untimed) before each."""
-    local = REPO if kind == "load" else ref
     docker = daemon.docker
     cmd = docker + (["pull", "-q", ref] if kind == "pull" else ["load", "-q", "-i", str(archive)])
 
     def rmi():
         # Both names: the pull and load rows share a daemon, and a layer left by one would make the other instant.
         subprocess.run(docker + ["rmi", "-f", REPO, ref], capture_output=True)
-        os.sync()
-        ctx.freed()
 
     def once() -> float:
-        rmi()  # the previous round's image: removed before this one, untimed (see PEER_CLEANUP_NOTE)
-        ctx.settle()
-        with stopwatch() as t:
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        os.sync()
-        return t.elapsed
+        return _peer_round(ctx, rmi, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                                                            stderr=subprocess.PIPE))
 
     return Contender(f"{label.replace('docker', 'docker ' + kind, 1)}", once, role="reference",
                      info={"command": " ".join(["docker", kind] + cmd[len(docker) + 1:]),
@@ -278,15 +284,8 @@ def _ctr_import_contender(ctx, daemon, archive: Path) -> Contender:
             raise RuntimeError(f"ctr images rm --sync left {len(left) - 1} snapshot(s)")
 
     def once() -> float:
-        clean()  # the previous round's image, untimed (see PEER_CLEANUP_NOTE)
-        os.sync()
-        ctx.freed()
-        ctx.settle()
-        with stopwatch() as t:
-            subprocess.run(ctr + ["images", "import", str(archive)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        os.sync()
-        return t.elapsed
+        return _peer_round(ctx, clean, lambda: subprocess.run(ctr + ["images", "import", str(archive)], check=True,
+                                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
 
     return Contender("ctr image import", once, role="reference",
                      info={"command": "ctr images import ARCHIVE (unpack to overlayfs)",
@@ -299,17 +298,7 @@ def _podman_contender(ctx, kind: str, pm, ref: str, archive: Path) -> Contender:
     Every image is removed (``podman rmi -af``, untimed) before each round.
     """
     def once() -> float:
-        pm.rmi_all()  # the previous round's image, untimed (see PEER_CLEANUP_NOTE)
-        os.sync()
-        ctx.freed()
-        ctx.settle()
-        with stopwatch() as t:
-            if kind == "pull":
-                pm.pull(ref)
-            else:
-                pm.load(archive)
-        os.sync()
-        return t.elapsed
+        return _peer_round(ctx, pm.rmi_all, (lambda: pm.pull(ref)) if kind == "pull" else (lambda: pm.load(archive)))
 
     cmd = f"podman pull -q --tls-verify=false {ref}" if kind == "pull" else "podman load -q -i ARCHIVE"
     return Contender(f"podman {kind} {pm.flavour}", once, role="reference", info={"command": cmd, **pm.info()})

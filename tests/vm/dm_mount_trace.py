@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
-from layerfs import _mountapi
-from layerfs.drivers.devicemapper import DevicemapperDriver
+from layerfs import _mountapi  # noqa: E402
+from layerfs.drivers.devicemapper import DevicemapperDriver  # noqa: E402
 
 TRACING = Path("/sys/kernel/tracing")
 ROUNDS = 7
