@@ -36,6 +36,8 @@ FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+OPEN_TREE_CLONE = 0x1
 AT_FDCWD = -100
 
 MS_RDONLY = 0x1
@@ -100,6 +102,21 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | Non
         os.fsencode(source), os.fsencode(target), fstype.encode(), flags, None if data is None else data.encode()
     )
     _check(res, f"mount({target})")
+
+
+def bind_onto(source: str, target_fd: int) -> None:
+    """Bind-mount the directory *source* onto the directory open as *target_fd* (``O_PATH``).
+
+    Why by descriptor: the target may be covered by another mount at that
+    moment (its parent directory being a mount point), where no path reaches it.
+    """
+    tree = _check(_libc.syscall(_SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC),
+                  f"open_tree({source})")
+    try:
+        _check(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+               f"move_mount({source})")
+    finally:
+        os.close(tree)
 
 
 def umount(target: str, flags: int = 0) -> None:

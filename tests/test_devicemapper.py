@@ -244,6 +244,43 @@ def _assert_pool_matches_record(drv) -> None:
     assert _thin_ids(drv) == _known_ids(drv)
 
 
+def test_get_mends_a_view_a_crash_left_half_made(dm_home):
+    """A crash while a view was being made leaves the device mounted over mnt/<id> (and maybe the
+    bind under it), or in an older layerfs's layout on mnt/<id>/dev: get makes a clean view of
+    either, and put leaves nothing of the layer mounted."""
+    from layerfs import _mountapi
+
+    drv = _driver(dm_home)
+    try:
+        for id in ("new", "old"):
+            drv.create(id, None)
+            (drv.get(id) / "f").write_bytes(id.encode())
+            drv.put(id)
+        # the current layout, stopped between the bind and the device's umount
+        mnt = drv._mnt("new")
+        fd = os.open(mnt / "rootfs", os.O_PATH)
+        drv._mount("new", drv._activate("new", drv._load()["devices"]["new"]), mnt, False)
+        _mountapi.bind_onto(str(mnt / "rootfs"), fd)
+        os.close(fd)
+        # an older layerfs's layout: the device on mnt/<id>/dev, never unmounted
+        mnt = drv._mnt("old")
+        (mnt / "dev").mkdir()
+        drv._mount("old", drv._activate("old", drv._load()["devices"]["old"]), mnt / "dev", False)
+        _mountapi.mount(str(mnt / "dev" / "rootfs"), str(mnt / "rootfs"), "none", _mountapi.MS_BIND)
+        for id in ("new", "old"):
+            assert len(_mountapi.mounts_under(str(drv._mnt(id)))) == 2
+            p = drv.get(id)
+            assert p == drv._mnt(id) / "rootfs" and os.path.ismount(p) and (p / "f").read_bytes() == id.encode()
+            # the older layout's view is whole and kept as it is; its staging mount goes with put
+            assert str(p) in _mountapi.mounts_under(str(drv._mnt(id)))
+            if id == "new":
+                assert _mountapi.mounts_under(str(drv._mnt(id))) == [str(p)]
+            drv.put(id)
+            assert _mountapi.mounts_under(str(drv._mnt(id))) == [] and not drv.is_mounted(id)
+    finally:
+        drv.close()
+
+
 def test_create_whose_record_cannot_be_written_leaves_nothing(dm_home, monkeypatch):
     """The metadata cannot be written after both messages: the device goes, and reopening finds nothing."""
     drv = _driver(dm_home)

@@ -13,8 +13,8 @@ On disk, under ``<root>/devicemapper``::
     metadata.slots  device ids, sizes, parents, the pool's transaction id, the pending operation:
                     JSON in two checksummed slots written in turn (``metafile``)
     lock            flock guarding metadata.slots across processes
-    mnt/<id>/rootfs the layer's view: a bind mount of the device's rootfs directory
-    mnt/<id>/dev    where the device is mounted for a moment to make that bind
+    mnt/<id>/rootfs the layer's view: a bind mount of the device's rootfs directory (the
+                    device is mounted over mnt/<id> for a moment to make that bind)
     loop/data       loop pools only: sparse data and metadata files
     loop/metadata
     directlvm.json  dm.directlvm_device only: the VG this store made

@@ -116,25 +116,45 @@ class Activation:
         _mountapi.unmount_retrying(str(target))
 
     # -- a layer's view: <home>/mnt/<id>/rootfs, a mount point of its own ----------
-    # The device is mounted at mnt/<id>/dev, its rootfs directory bind-mounted on
-    # mnt/<id>/rootfs (a directory of the store's filesystem, so the path the
-    # graph hands out is a real mount point), and the device mount dropped again:
-    # the bind keeps the filesystem alive and one umount releases it.
+    # The device's rootfs directory (not its root: ext4's lost+found, and the one
+    # xfs_repair makes, stay out of sight) is bind-mounted on mnt/<id>/rootfs, a
+    # directory of the store's filesystem, so the path handed out is a real mount
+    # point and one umount releases the device.  To make the bind, the device is
+    # mounted for a moment on mnt/<id> itself, covering rootfs, which is reached
+    # through a descriptor opened before: no staging directory to create per view.
     def _mount_view(self, id: str, dev_path: str, readonly: bool) -> Path:
         mnt = self._mnt(id)
-        stage, view = mnt / "dev", mnt / "rootfs"
-        for d in (mnt, stage, view):
-            d.mkdir(exist_ok=True)
-        self._mount(id, dev_path, stage, readonly)
+        view = mnt / "rootfs"
+        for d in (mnt, view):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                pass
+        view_fd = os.open(view, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            _mountapi.mount(str(stage / "rootfs"), str(view), "none", _mountapi.MS_BIND)
+            self._mount(id, dev_path, mnt, readonly)
+            try:
+                _mountapi.bind_onto(str(view), view_fd)  # the path resolves on the device now
+            finally:
+                self._umount_fresh(mnt)
         finally:
-            self._umount(stage)
+            os.close(view_fd)
         return view
+
+    def _umount_fresh(self, target: Path) -> None:
+        """Unmount a mount this call just made (no need to ask whether it is one)."""
+        try:
+            _mountapi.umount(str(target))
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            self._umount(target)
 
     def _umount_view(self, id: str) -> None:
         mnt = self._mnt(id)
-        for target in (mnt / "rootfs", mnt / "dev", mnt):  # dev, mnt: left by a crash or an older layout
+        # mnt: the device, left by a crash while making the view (it covers rootfs,
+        # so it goes first); dev: the staging directory of older layerfs versions.
+        for target in (mnt / "dev", mnt, mnt / "rootfs"):
             self._umount(target)
 
     def _remove_mnt_dir(self, id: str) -> None:
@@ -182,7 +202,7 @@ class Activation:
     def _grow(self, id: str, rec: dict) -> None:
         """Grow a new device's filesystem to the device's (larger) size."""
         dev = self._activate(id, rec)
-        mnt = self._mnt(id) / "dev"
+        mnt = self._mnt(id)  # no view yet: the device may cover the directory for a moment
         mnt.mkdir(parents=True, exist_ok=True)
         try:
             self._mount(id, dev, mnt, readonly=False)
