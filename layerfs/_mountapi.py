@@ -38,6 +38,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 OPEN_TREE_CLONE = 0x1
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_FDCWD = -100
 
 MS_RDONLY = 0x1
@@ -109,8 +110,10 @@ def bind_onto(source: str, target_fd: int) -> None:
 
     Why by descriptor: the target may be covered by another mount at that
     moment (its parent directory being a mount point), where no path reaches it.
+    A *source* that is a symlink is refused rather than followed.
     """
-    tree = _check(_libc.syscall(_SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC),
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_SYMLINK_NOFOLLOW
+    tree = _check(_libc.syscall(_SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source), flags),
                   f"open_tree({source})")
     try:
         _check(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
