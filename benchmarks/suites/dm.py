@@ -315,8 +315,8 @@ def _cycle_row(name, drv, lvm_user, scratch, mount: bool, fs_note: str = "", opt
         target = Target.ratio(0.2, "≥ 5× faster (≤ 0.2× dmsetup + mount)")
         notes = ["untimed per round: unmount, deactivate, delete the snapshot (and, for the dmsetup path, "
                  "set the pool's transaction id back; for the lvm path, lvremove)",
-                 "the ioctl path mounts the device, bind-mounts its rootfs/ on the view and unmounts the device "
-                 "(3 mount calls); the CLI paths mount once",
+                 "the ioctl path mounts the device over the view's directory, binds its rootfs/ onto the covered view "
+                 "and unmounts the device (3 mount calls); the CLI paths mount once",
                  "the ioctl path also writes its metadata once (pwrite + fdatasync of one slot) for crash safety; "
                  "the dmsetup paths keep no record; lvm writes its VG metadata (and archive/backup copies)"]
     else:
