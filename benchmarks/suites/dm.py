@@ -40,7 +40,8 @@ Rows (subject: layerfs; reference after "vs"):
   same filesystem.
 
 Each round makes a fresh snapshot (or layer); unmounting, deactivating and
-deleting it afterwards is untimed.  The CLI path's device ids are far above
+deleting it afterwards is untimed, and every timed round starts after a
+``sync`` (untimed), so no round pays for the writeback of an earlier one.  The CLI path's device ids are far above
 the driver's, and its transaction id is set back after each round, so the
 driver's bookkeeping stays right.  lvm's CLI calls get the configuration the
 driver's own lvm calls get where no udev runs (``pool.NO_UDEV_CONFIG``), and
@@ -96,6 +97,17 @@ def _mount(fs: str, device: str, mnt) -> None:
     _run("mount", "-t", fs, "-o", "nouuid" if fs == "xfs" else "defaults", device, str(mnt))
 
 
+def _quiet() -> None:
+    """Before every timed round (untimed): write back what earlier rounds left dirty.
+
+    Why: the contenders alternate, and each round's untimed teardown (umount,
+    discard, lvremove, device removal) leaves dirty pages of the loop files and
+    journal commits that the kernel would otherwise write back during the next
+    contender's timed round, charging one contender for another's cleanup.
+    """
+    os.sync()
+
+
 def _run(*cmd: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DM_DISABLE_UDEV": "1"})
     if r.returncode != 0:
@@ -113,6 +125,7 @@ class IoctlCycle:
         key = f"io{self.n}"
         drv = self.drv
         try:
+            _quiet()
             with stopwatch() as t:
                 drv.create(key, "origin")
                 if self.mount:
@@ -151,6 +164,7 @@ class CliCycle:
         txn = drv.pool_status().transaction_id
         state = []
         try:
+            _quiet()
             with stopwatch() as t:
                 if self.check_free:
                     _run("dmsetup", "status", "--noflush", pool)
@@ -253,6 +267,7 @@ class LvmCycle:
         mnt.mkdir()
         state = []
         try:
+            _quiet()
             with stopwatch() as t:
                 lvm("lvcreate", "-s", "-n", name, f"{vg}/{self.origin}")
                 state.append("lv")
@@ -286,6 +301,7 @@ class MountOnly:
         mounted = False
         try:
             dev = drv._activate(key, drv._load()["devices"][key])
+            _quiet()
             with stopwatch() as t:
                 _mountapi.mount(dev, str(mnt), drv.fs, 0, self.options)
             mounted = True
@@ -427,6 +443,7 @@ def _apply(ctx):
         def once(d):
             def run() -> float:
                 s = stores[d]
+                _quiet()
                 with stopwatch() as t:
                     layer = s.register(str(tar))
                 s.release(layer.chain_id)
