@@ -14,6 +14,7 @@ parametrises it; tests/dmstore.py makes its stores cheap).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -66,11 +67,28 @@ def _known_ids(drv) -> set[int]:
 
 
 # ---------------------------------------------------------------- driver level
-def test_lifecycle_copy_on_write_grow_and_status(dm_home):
+def test_lifecycle_copy_on_write_grow_and_status(dm_home, caplog):
+    from layerfs.drivers.devicemapper import LOOP_WARNING
+
+    caplog.set_level(logging.WARNING, logger="layerfs.devicemapper")
     drv = _driver(dm_home)
     try:
+        # loud once, when the loop pool is set up (not at every open: a CLI opens per command)
+        assert [r.getMessage() for r in caplog.records].count(LOOP_WARNING) == 1
+        caplog.clear()
+        _driver(dm_home).close()
+        assert LOOP_WARNING not in [r.getMessage() for r in caplog.records]
         st = drv.status()
         assert st["pool_kind"] == "loop" and "loop devices" in st["warning"]
+        # the pool's metadata loop device bypasses the page cache (the pool caches it), the data one does not
+        dio = {}
+        for loop in Path("/sys/block").glob("loop*"):
+            try:
+                dio[(loop / "loop" / "backing_file").read_text().strip()] = (loop / "loop" / "dio").read_text().strip()
+            except FileNotFoundError:
+                continue  # not attached
+        loops = os.path.realpath(dm_home / "loop")
+        assert dio[os.path.join(loops, "metadata")] == "1" and dio[os.path.join(loops, "data")] == "0"
         assert st["data_total"] == 2 << 30 and 0 < st["data_used"] < st["data_total"]
         assert st["base_size"] == 512 << 20 and st["fs"] == "xfs"
         drv.create("l1", None)
@@ -131,9 +149,11 @@ def test_lifecycle_copy_on_write_grow_and_status(dm_home):
     with dmioctl.Control() as ctl:
         assert [n for n in ctl.list_devices() if n.startswith(prefix)] == []
     assert not [n for n in os.listdir("/dev/mapper") if n.startswith(prefix)]
-    # reopening sets the loop pool up again from its files; the transaction id is unchanged
+    # reopening sets the loop pool up again from its files (and warns again); the transaction id is unchanged
+    caplog.clear()
     drv = _driver(dm_home)
     try:
+        assert LOOP_WARNING in [r.getMessage() for r in caplog.records]
         assert drv.status()["devices"] == 0 and drv.status()["transaction_id"] == drv._load()["transaction_id"]
     finally:
         drv.close()

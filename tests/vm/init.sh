@@ -71,6 +71,8 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,gid=5,mode=0620 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755,size=64m tmpfs $R/run || die "cannot mount a fresh /run"
+# runc and crun (the engine's tests on devicemapper) put every container in a cgroup
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || say "warning: no cgroup2 on /sys/fs/cgroup: runc cannot run containers"
 mkdir -p $V/share $V/tmp $V/disk
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmshare $V/share ||
     die "cannot mount the results share over 9p (tag vmshare)"

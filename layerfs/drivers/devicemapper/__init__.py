@@ -128,7 +128,11 @@ class DevicemapperDriver(Transactions, Activation, Driver):
             with self._locked() as meta:
                 self.pool = self._open_pool(meta)
                 self.blkdiscard = self.cfg.blkdiscard if self.cfg.blkdiscard is not None else self.pool.kind == "loop"
-                if self.pool.kind == "loop":
+                if self.pool.set_up_now:
+                    # Once per setup of the loop pool (a store's first open, or the first
+                    # after a reboot), as Docker warned when its daemon set loop devices up;
+                    # status() (`layerfs info`) carries it always.  Not at every open: a CLI
+                    # opens the store per command and would bury every message under it.
                     log.warning(LOOP_WARNING)
                 self._recover(meta)
                 self._retry_deferred(meta)

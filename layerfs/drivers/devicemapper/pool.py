@@ -4,7 +4,10 @@
   ``metadata`` files in the driver's home on loop devices, and a
   ``thin-pool`` device-mapper target made directly over them (no LVM, as
   Docker's loop-lvm).  Loop devices are attached with ``LO_FLAGS_AUTOCLEAR``
-  so removing the pool frees them.
+  so removing the pool frees them; the metadata one also with direct I/O
+  (the pool caches its metadata itself, and each pool commit then flushes
+  less of the backing file), the data one through the page cache (the
+  filesystems' reads, a mount's among them, would go to the disk each time).
 * ``dm.thinpooldev=VG/POOL`` (or ``/dev/mapper/NAME``): an existing LVM thin
   pool, activated with lvm2 when it is not active.
 * ``dm.directlvm_device=/dev/X``: layerfs makes a PV, a VG, a thin pool of
@@ -39,7 +42,9 @@ LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
+LOOP_SET_DIRECT_IO = 0x4C08
 LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
 LOOP_MAJOR = 7
 # struct loop_info64: 5 x u64, 4 x u32, lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32], u64 lo_init[2]
 LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
@@ -81,6 +86,7 @@ class Pool:
     source: str           # what the user named: files, VG/POOL, the disk
     lv: str | None = None  # VG/LV for LVM pools
     files: dict = field(default_factory=dict)
+    set_up_now: bool = False  # this open attached the loop files and made the pool device
 
     @property
     def dev_string(self) -> str:
@@ -95,13 +101,16 @@ class Pool:
 
 
 # ------------------------------------------------------------------ loops
-def attach_loop(path: Path, readonly: bool = False) -> tuple[str, int, int]:
+def attach_loop(path: Path, direct_io: bool = False) -> tuple[str, int, int]:
     """Attach *path* to a free loop device with autoclear: (device path, dev_t, open fd).
 
     Keep the fd open until something else holds the device (the pool's table
-    load): autoclear detaches it at the last close.
+    load): autoclear detaches it at the last close.  With *direct_io* the
+    device bypasses the page cache when the backing filesystem allows it (the
+    kernel quietly stays buffered where it does not, e.g. tmpfs before 6.6).
     """
-    backing = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_DIRECT_IO if direct_io else 0)
+    backing = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -112,7 +121,7 @@ def attach_loop(path: Path, readonly: bool = False) -> tuple[str, int, int]:
                     os.mknod(devpath, 0o660 | stat.S_IFBLK, os.makedev(LOOP_MAJOR, n))
                 lfd = os.open(devpath, os.O_RDWR | os.O_CLOEXEC)
                 name = os.fsencode(os.path.abspath(path))[:63]
-                info = LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
+                info = LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0)
                 try:
                     try:
                         fcntl.ioctl(lfd, LOOP_CONFIGURE, LOOP_CONFIG.pack(backing, 0, info, *([0] * 8)))
@@ -121,6 +130,11 @@ def attach_loop(path: Path, readonly: bool = False) -> tuple[str, int, int]:
                             raise
                         fcntl.ioctl(lfd, LOOP_SET_FD, backing)  # kernels before 5.8
                         fcntl.ioctl(lfd, LOOP_SET_STATUS64, info)
+                        if direct_io:
+                            try:
+                                fcntl.ioctl(lfd, LOOP_SET_DIRECT_IO, 1)
+                            except OSError:
+                                pass  # stays buffered, as LOOP_CONFIGURE would leave it
                 except OSError as exc:
                     os.close(lfd)
                     if exc.errno == errno.EBUSY:
@@ -220,7 +234,7 @@ def setup_loop(ctl: Control, home: Path, prefix: str, data_size: int, meta_size:
                 f.truncate(size)  # sparse; a zeroed metadata device is formatted by the kernel
     fds = []
     try:
-        meta_dev_path, meta_dev, fd = attach_loop(meta)
+        meta_dev_path, meta_dev, fd = attach_loop(meta, direct_io=True)
         fds.append(fd)
         data_dev_path, data_dev, fd = attach_loop(data)
         fds.append(fd)
@@ -240,7 +254,7 @@ def setup_loop(ctl: Control, home: Path, prefix: str, data_size: int, meta_size:
     finally:
         for fd in fds:
             os.close(fd)
-    return Pool("loop", name, dev, LOOP_BLOCK_SECTORS, str(d), None, files)
+    return Pool("loop", name, dev, LOOP_BLOCK_SECTORS, str(d), None, files, set_up_now=True)
 
 
 def open_thinpooldev(ctl: Control, spec: str, kind: str = "thinpooldev") -> Pool:
