@@ -126,10 +126,7 @@ class Activation:
         mnt = self._mnt(id)
         view = mnt / "rootfs"
         for d in (mnt, view):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                pass
+            d.mkdir(exist_ok=True)
         view_fd = os.open(view, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             self._mount(id, dev_path, mnt, readonly)
