@@ -2,7 +2,7 @@
 
 Layout
 ------
-``runner``      generic: Contender / Benchmark / Target, A/B alternation, statistics
+``runner``      generic: Contender / Benchmark / Target, rounds in a balanced order, statistics
 ``context``     RunContext handed to suites: out/cache/work dirs, store factory, CLI prefix
 ``suites/``     one module per workload (register, mount, changes, open_store -- run once
                 per layerfs driver; fs, pull, snapshot -- drivers and peers side by side);

@@ -87,8 +87,9 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _row(r)) + " |")
     lines += [
         "",
-        f"Median of n measured rounds after warm-up; contenders alternated A, B, A, B, … in the same "
-        f"run. Ratio = median of the subject / median of the reference. ⚠ = wide spread "
+        f"Median of n measured rounds after warm-up; every contender runs once per round, in the same "
+        f"run, in an order that changes from round to round (a Williams design: each runs right after "
+        f"every other one equally often). Ratio = median of the subject / median of the reference. ⚠ = wide spread "
         f"(max/min > {WIDE_SPREAD}). Absolute targets are judged on the median, ratio targets on the ratio.",
         "",
     ]

@@ -22,7 +22,8 @@ Rows (subject: layerfs; reference after "vs"):
   user's pool is lvm's own (a VG on a loop device of a sparse file on the same
   work filesystem, 64 KiB chunks, no zeroing, like the driver's loop pool), its
   parent LV formatted like the driver's base and holding the same files.  The
-  four contenders are alternated in one run.
+  four contenders run once per round in one run, their order varied from round
+  to round (benchmarks.runner.round_orders).
 * ``dm.snapshot_activate``: the same without the mount on every side.
 * ``dm.layer_cycle_ext4``: ``dm.layer_cycle`` with ``dm.fs=ext4`` (and ext4 on
   the CLI paths' origins).
