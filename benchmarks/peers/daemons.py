@@ -70,8 +70,11 @@ class _Daemon:
                 tail = self.tail()
                 self.stop()
                 raise DaemonFailed(f"{self.name} exited {self.proc.returncode} at start: {tail}")
-            if self.ready():
-                return self
+            try:
+                if self.ready():
+                    return self
+            except subprocess.TimeoutExpired:
+                pass  # the socket is there, the daemon not answering yet (a busy machine): ask again
             time.sleep(0.2)
         tail = self.tail()
         self.stop()
