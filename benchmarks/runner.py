@@ -91,7 +91,7 @@ class Contender:
 class Benchmark:
     name: str                      # "register.tar"
     description: str
-    contenders: list[Contender]    # the first round's order is round_orders' first; the subject is usually first
+    contenders: list[Contender]    # run in round_orders' orders, indexes into this list; the subject is usually first
     subject: str                   # contender whose figures fill the row
     reference: str | None = None   # contender the ratio is taken against
     target: Target | None = None
@@ -180,7 +180,8 @@ def round_orders(n: int) -> list[list[int]]:
 
 
 def run_benchmark(b: Benchmark, *, quick: bool, runs: int | None, suite: str) -> dict[str, Any]:
-    """Measure one benchmark, alternating contenders; never raises for a contender failure."""
+    """Measure one benchmark, every contender once per round in round_orders' orders (the warm-up
+    rounds take the last ones, the measured rounds start at the first); never raises for a contender failure."""
     n = runs if runs is not None else (min(b.quick_runs, b.runs) if quick else b.runs)
     warmup = 0 if quick else b.warmup   # a smoke run: no untimed rounds (its figures are not results)
     if not quick and n < MIN_RUNS:
