@@ -411,9 +411,9 @@ def test_direct_lvm_on_a_spare_disk(tmp_path):
     opts = {"dm.basesize": "512M", "dm.directlvm_device": disk, "dm.thinp_percent": "80", "dm.thinp_metapercent": "2",
             "dm.thinp_autoextend_threshold": "70", "dm.thinp_autoextend_percent": "25"}
     # a first setup that stopped halfway (this store's VG with a plain LV where the thin pool goes): started over
-    from layerfs.drivers.devicemapper.config import pool_prefix
+    from layerfs.drivers.devicemapper.config import directlvm_vg, pool_prefix
 
-    half_vg = "layerfs_" + pool_prefix(home).removeprefix("layerfs-")[:8]
+    half_vg = directlvm_vg(pool_prefix(home))
     poolmod.lvm("pvcreate", "-y", disk)
     poolmod.lvm("vgcreate", half_vg, disk)
     poolmod.lvm("lvcreate", "-y", "-n", "thinpool", "-l", "10%VG", half_vg)

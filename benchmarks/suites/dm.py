@@ -44,9 +44,10 @@ Each round makes a fresh snapshot (or layer); unmounting, deactivating and
 deleting it afterwards is untimed, and every timed round starts after a
 ``sync`` (untimed), so no round pays for the writeback of an earlier one.
 The CLI path's device ids are far above the driver's, and its transaction id
-is set back after each round, so the driver's bookkeeping stays right.  lvm's CLI calls get the configuration the
-driver's own lvm calls get where no udev runs (``pool.NO_UDEV_CONFIG``), and
-otherwise lvm's defaults (VG metadata archive and backup on).
+is set back after each round, so the driver's bookkeeping stays right.  lvm's
+CLI calls get the configuration the driver's own lvm calls get where no udev
+runs (``pool.NO_UDEV_CONFIG``), and otherwise lvm's defaults (VG metadata
+archive and backup on).
 ``LAYERFS_BENCH_DM_APPLY=0`` leaves the apply row out.  The apply tar is copied to the work
 directory once (untimed) and read through before every round.
 """

@@ -56,7 +56,7 @@ from ...errors import DriverUnavailable, InUse, InvalidOption
 from .. import Driver, remove_tree
 from . import dmioctl, pool as poolmod
 from .activation import Activation, remove_node, which
-from .config import BASE, Config, pool_prefix
+from .config import BASE, Config, directlvm_vg, pool_prefix
 from .diff import snapshot_changes
 from .dmioctl import Control, DMError, Target  # noqa: F401  (public names of this package)
 from .pool import LOOP_WARNING, Pool, PoolError, PoolFull
@@ -179,9 +179,8 @@ class DevicemapperDriver(Transactions, Activation, Driver):
             elif wanted[0] == "thinpooldev":
                 pool = poolmod.open_thinpooldev(self.ctl, wanted[1])
             else:
-                vg = "layerfs_" + self.prefix.removeprefix("layerfs-")[:8]
                 pool = poolmod.setup_directlvm(
-                    self.ctl, self.home, wanted[1], vg, cfg.thinp_percent, cfg.thinp_metapercent,
+                    self.ctl, self.home, wanted[1], directlvm_vg(self.prefix), cfg.thinp_percent, cfg.thinp_metapercent,
                     cfg.thinp_autoextend_threshold, cfg.thinp_autoextend_percent,
                 )
         except DMError as exc:

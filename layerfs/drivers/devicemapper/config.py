@@ -120,3 +120,8 @@ def pool_prefix(home: Path) -> str:
     key = f"{os.path.realpath(home)}\0{st.st_dev}\0{st.st_ino}".encode()
     return "layerfs-" + hashlib.sha256(key).hexdigest()[:12]
 
+
+def directlvm_vg(prefix: str) -> str:
+    """The volume group a dm.directlvm_device store makes: named after the store's prefix."""
+    return "layerfs_" + prefix.removeprefix("layerfs-")[:8]
+
